@@ -1,0 +1,29 @@
+# Two commands do all the set-up on a fresh clone:
+#   make run    create .venv when missing, then run the pipeline (snakemake --cores all)
+#   make test   create .venv when missing, then run the test suite
+# Both are idempotent: the environment is rebuilt only when pyproject.toml changes.
+
+PYTHON ?= python3
+VENV := .venv
+STAMP := $(VENV)/.installed
+export DVC_NO_ANALYTICS := 1
+
+.PHONY: run test lint clean-env
+
+$(STAMP): pyproject.toml
+	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(VENV)/bin/python -m pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+run: $(STAMP)
+	. $(VENV)/bin/activate && snakemake --cores all
+
+test: $(STAMP)
+	. $(VENV)/bin/activate && python -m pytest
+
+lint: $(STAMP)
+	. $(VENV)/bin/activate && snakemake --lint
+
+clean-env:
+	rm -rf $(VENV)

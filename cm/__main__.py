@@ -1,0 +1,5 @@
+import sys
+
+from cm.cli import main
+
+sys.exit(main())

@@ -1,0 +1,204 @@
+"""Load and validate params.yaml: one schema, defaults filled in, one clear message per mistake.
+
+The same `load_params` / `check_params` serve the Snakefile (before any job is scheduled) and
+every `python -m cm` stage, so Snakemake, DVC and the package read the configuration alike.
+This module must stay light (no torch): the Snakefile imports it at parse time.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import yaml
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+SCHEMA_PATH = PROJECT_ROOT / "workflow" / "schemas" / "params.schema.yaml"
+PARAMS_FILE = "params.yaml"
+
+
+class ConfigError(ValueError):
+    """A configuration mistake; the message names the key, the bad value and what is allowed."""
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses duplicated mapping keys (plain YAML keeps the last one silently)."""
+
+
+def _construct_unique_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False):
+    seen = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise ConfigError(
+                f"duplicated key {key!r} (line {key_node.start_mark.line + 1}); "
+                "each key may appear once per mapping"
+            )
+        seen.add(key)
+    return loader.construct_mapping(node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor(
+    yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_unique_mapping
+)
+
+
+def load_yaml(path: str | Path) -> Any:
+    """Parse a YAML file safely (no code execution, no duplicate keys)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: file not found")
+    try:
+        with path.open() as fh:
+            return yaml.load(fh, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+
+
+def schema() -> dict:
+    """The JSON schema of params.yaml."""
+    return load_yaml(SCHEMA_PATH)
+
+
+def _with_defaults(validator_class):
+    """Extend a jsonschema validator so that validation also fills in declared defaults."""
+    validate_properties = validator_class.VALIDATORS["properties"]
+
+    def set_defaults(validator, properties, instance, subschema):
+        if isinstance(instance, dict):
+            for name, prop in properties.items():
+                if "default" in prop and name not in instance:
+                    instance[name] = copy.deepcopy(prop["default"])
+        yield from validate_properties(validator, properties, instance, subschema)
+
+    return jsonschema.validators.extend(validator_class, {"properties": set_defaults})
+
+
+_DefaultingValidator = _with_defaults(jsonschema.Draft202012Validator)
+
+
+def _key_path(path) -> str:
+    out = ""
+    for part in path:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "(top level)"
+
+
+def _allowed(error: jsonschema.ValidationError) -> str:
+    """Say in words what the failed schema keyword allows."""
+    s = error.schema
+    kind = error.validator
+    if kind == "enum":
+        return "one of " + ", ".join(map(str, s["enum"]))
+    if kind == "type":
+        return f"type {s['type']}"
+    if kind in ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"):
+        bounds = []
+        for key, sign in (("minimum", ">="), ("exclusiveMinimum", ">"),
+                          ("maximum", "<="), ("exclusiveMaximum", "<")):
+            if key in s:
+                bounds.append(f"{sign} {s[key]}")
+        return "a number " + " and ".join(bounds)
+    if kind == "minItems":
+        return f"a list of at least {s['minItems']} item(s)"
+    if kind == "uniqueItems":
+        return "a list without repeated items"
+    if kind == "minProperties":
+        return f"at least {s['minProperties']} entry"
+    if kind == "pattern":
+        return f"a name matching {s['pattern']}"
+    if kind == "minLength":
+        return "a non-empty string"
+    return error.message
+
+
+def _format(error: jsonschema.ValidationError) -> str:
+    where = _key_path(error.absolute_path)
+    if error.validator == "additionalProperties":
+        allowed = sorted(error.schema.get("properties", {}))
+        unknown = sorted(set(error.instance) - set(allowed))
+        prefix = "" if where == "(top level)" else where + "."
+        hints = []
+        for key in unknown:
+            close = difflib.get_close_matches(str(key), allowed, n=1)
+            hints.append(f"'{prefix}{key}'" + (f" (did you mean '{close[0]}'?)" if close else ""))
+        return f"unknown key {', '.join(hints)}; allowed here: {', '.join(allowed)}"
+    if error.validator == "required":
+        return f"{where}: {error.message}"
+    if error.validator == "propertyNames":
+        return f"{where}: experiment name {error.instance!r} is not allowed: use letters, digits and _"
+    return f"{where} = {error.instance!r} is not allowed: must be {_allowed(error)}"
+
+
+def _semantic_checks(params: dict, base_dir: Path) -> None:
+    """Checks a schema cannot express: cross references and files that must exist."""
+    known = sorted(params["experiments"])
+    for i, name in enumerate(params["run"]):
+        if name not in params["experiments"]:
+            raise ConfigError(f"run[{i}] = {name!r} is not an experiment; defined: {', '.join(known)}")
+    for name in params["run"]:
+        data = params["experiments"][name]["data"]
+        key = f"experiments.{name}.data.path"
+        if data["source"] == "npz":
+            if not data["path"]:
+                raise ConfigError(f"{key} = None is not allowed: source npz needs the path of an .npz file")
+            path = Path(data["path"])
+            path = path if path.is_absolute() else base_dir / path
+            if not path.is_file():
+                raise ConfigError(f"{key} = {data['path']!r}: file not found")
+        diffusion = params["experiments"][name]["diffusion"]
+        if diffusion["beta_start"] >= diffusion["beta_end"]:
+            raise ConfigError(
+                f"experiments.{name}.diffusion.beta_start = {diffusion['beta_start']!r} is not allowed: "
+                f"must be < beta_end ({diffusion['beta_end']!r})"
+            )
+
+
+def check_params(params: Any, *, base_dir: str | Path = ".", origin: str = PARAMS_FILE) -> dict:
+    """Validate a parsed params mapping, fill in defaults, and return it (a new dict).
+
+    Raises ConfigError with one message naming the key, the value and what is allowed.
+    """
+    if not isinstance(params, dict):
+        raise ConfigError(f"{origin}: expected a mapping at the top level, got {type(params).__name__}")
+    params = copy.deepcopy(params)
+    validator = _DefaultingValidator(schema())
+    error = jsonschema.exceptions.best_match(validator.iter_errors(params))
+    if error is not None:
+        raise ConfigError(f"{origin}: {_format(error)}")
+    try:
+        _semantic_checks(params, Path(base_dir))
+    except ConfigError as err:
+        raise ConfigError(f"{origin}: {err}") from None
+    return params
+
+
+def load_params(path: str | Path = PARAMS_FILE) -> dict:
+    """Read, validate and complete params.yaml."""
+    path = Path(path)
+    return check_params(load_yaml(path), base_dir=path.parent, origin=str(path))
+
+
+def experiment(params: dict, name: str) -> dict:
+    """The settings of one experiment, with a clear error for an unknown name."""
+    if name not in params["experiments"]:
+        known = ", ".join(sorted(params["experiments"]))
+        raise ConfigError(f"experiment {name!r} is not defined in params.yaml; defined: {known}")
+    return params["experiments"][name]
+
+
+def method_settings(params: dict, method: str) -> dict:
+    """The hyper-parameters of one training method (empty for methods without any)."""
+    return params["method_params"].get(method, {})
+
+
+def check_method(name: str) -> None:
+    """A method name must be one the schema (and so the method registry) knows."""
+    allowed = schema()["properties"]["methods"]["items"]["enum"]
+    if name not in allowed:
+        raise ConfigError(f"method = {name!r} is not allowed: one of {', '.join(allowed)}")

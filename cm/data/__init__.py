@@ -1,0 +1,64 @@
+"""Long-tailed datasets: sources, imbalance profiles and the manifest that pins a subset."""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+
+from cm.data.profiles import many_medium_few, profile_counts, select_long_tailed
+from cm.data.sources import DataError, LabeledImages, load_source
+
+__all__ = ["DataError", "LabeledImages", "build_manifest", "load_source", "load_training_set"]
+
+
+def content_hash(images: np.ndarray, labels: np.ndarray) -> str:
+    """sha256 over the pixels and labels of a set, in order."""
+    digest = hashlib.sha256()
+    digest.update(np.ascontiguousarray(images).tobytes())
+    digest.update(np.ascontiguousarray(labels, dtype=np.int64).tobytes())
+    return digest.hexdigest()
+
+
+def build_manifest(data: dict) -> dict:
+    """Choose the long-tailed subset described by an experiment's `data` settings.
+
+    The manifest is everything needed to rebuild and verify the training set: the source
+    settings, the profile, the chosen indices, per-class counts, the many/medium/few split and
+    a content hash of the selected images.
+    """
+    full = load_source(data)
+    try:
+        counts = profile_counts(data["profile"], full.labels, full.num_classes, data["imbalance_ratio"])
+    except ValueError as err:
+        raise DataError(str(err)) from None
+    indices = select_long_tailed(full.labels, counts, data["seed"])
+    return {
+        "source": {"name": data["source"], "path": data["path"]},
+        "profile": data["profile"],
+        "imbalance_ratio": data["imbalance_ratio"],
+        "seed": data["seed"],
+        "num_classes": full.num_classes,
+        "class_names": full.class_names,
+        "image_shape": list(full.images.shape[1:]),
+        "class_counts": counts,
+        "num_images": int(sum(counts)),
+        "splits": many_medium_few(counts),
+        "content_sha256": content_hash(full.images[indices], full.labels[indices]),
+        "indices": indices.tolist(),
+    }
+
+
+def load_training_set(manifest: dict) -> LabeledImages:
+    """Rebuild the long-tailed training set of a manifest and check it is the same content."""
+    full = load_source({"source": manifest["source"]["name"], "path": manifest["source"]["path"]})
+    indices = np.asarray(manifest["indices"], dtype=np.int64)
+    if len(indices) and indices.max() >= len(full.labels):
+        raise DataError(f"the manifest's indices exceed the source's {len(full.labels)} images")
+    subset = LabeledImages(full.images[indices], full.labels[indices], full.class_names)
+    if content_hash(subset.images, subset.labels) != manifest["content_sha256"]:
+        raise DataError(
+            "the training images differ from those the manifest was built from "
+            "(the source changed); run prepare_data again"
+        )
+    return subset

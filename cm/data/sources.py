@@ -1,0 +1,69 @@
+"""Image sources: each returns the full (balanced) labelled set as uint8 NHWC arrays."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+
+class DataError(ValueError):
+    """A data source that is missing or malformed; the message names the file or setting."""
+
+
+@dataclass(frozen=True)
+class LabeledImages:
+    images: np.ndarray        # uint8 (N, H, W, C)
+    labels: np.ndarray        # int64 (N,), classes 0..C-1
+    class_names: list[str]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+
+def _digits(_: dict) -> LabeledImages:
+    """scikit-learn's embedded handwritten digits: 1,797 images 8x8 with values 0..16."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    images = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)[..., None]
+    return LabeledImages(images, digits.target.astype(np.int64), [str(c) for c in range(10)])
+
+
+def _npz(data: dict) -> LabeledImages:
+    """An .npz file with `images` (uint8 NHWC), `labels` and optionally `classes`."""
+    path = Path(data["path"])
+    if not path.is_file():
+        raise DataError(f"data.path = {str(path)!r}: file not found")
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            missing = {"images", "labels"} - set(archive.files)
+            if missing:
+                raise DataError(f"{path}: missing array(s) {sorted(missing)}; found {archive.files}")
+            images, labels = archive["images"], archive["labels"].astype(np.int64)
+            names = [str(c) for c in archive["classes"]] if "classes" in archive.files else None
+    except (OSError, ValueError) as err:
+        if isinstance(err, DataError):
+            raise
+        raise DataError(f"{path}: not a readable .npz file ({err})") from None
+    if images.dtype != np.uint8 or images.ndim != 4 or len(images) != len(labels):
+        raise DataError(
+            f"{path}: images must be uint8 of shape (N, H, W, C) matching labels (N,); "
+            f"got {images.dtype} {images.shape} and labels {labels.shape}"
+        )
+    num_classes = int(labels.max()) + 1
+    if labels.min() < 0 or set(np.unique(labels)) != set(range(num_classes)):
+        raise DataError(f"{path}: labels must cover 0..C-1 without gaps")
+    return LabeledImages(images, labels, names or [str(c) for c in range(num_classes)])
+
+
+SOURCES = {"digits": _digits, "npz": _npz}
+
+
+def load_source(data: dict) -> LabeledImages:
+    """Load the full labelled set named by an experiment's `data` settings."""
+    if data["source"] not in SOURCES:
+        raise DataError(f"data.source = {data['source']!r} is not allowed: one of {', '.join(SOURCES)}")
+    return SOURCES[data["source"]](data)

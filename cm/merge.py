@@ -1,0 +1,88 @@
+"""Fold every low-rank branch into its base weight: a plain U-Net, so CM costs nothing at inference.
+
+The merged checkpoint's state-dict keys and shapes are exactly those of the DDPM baseline; for
+methods without branches merging is a copy. Before writing, merged and unmerged models are run
+on the same random batch and must agree (float64 to 1e-8, float32 to a stated tolerance).
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import torch
+
+from cm import io
+from cm.lowrank import add_lowrank_branches, merge_lowrank
+from cm.models import build_unet
+
+MERGED_FORMAT = "cm.merged/1"
+FLOAT64_TOL = 1e-10   # relative to the output's scale
+FLOAT32_TOL = 1e-5    # the branch forward already convolves with W_g + BA, so float32 agrees closely
+
+
+def build_network(config: dict, with_branches: bool = True) -> torch.nn.Module:
+    """Rebuild the U-Net described by a checkpoint's config, with its branches when it has some."""
+    net = build_unet(config["preset"], num_classes=config["num_classes"],
+                     in_channels=config["in_channels"], image_size=config["image_size"])
+    if with_branches and config.get("rank_ratio"):
+        add_lowrank_branches(net, config["rank_ratio"])
+    return net
+
+
+def load_checkpoint(path: str | Path, expected_format: str) -> dict:
+    """Load a checkpoint safely and check it is the kind of file the stage needs."""
+    state = io.load_torch(path)
+    if not isinstance(state, dict) or state.get("format") != expected_format:
+        found = state.get("format") if isinstance(state, dict) else type(state).__name__
+        raise io.CorruptFileError(f"{path}: expected a {expected_format} checkpoint, found {found!r}")
+    return state
+
+
+def _relative_gap(net_a, net_b, config: dict, seed: int = 0) -> float:
+    """max |a - b| / max |a| of two networks' outputs on one random batch (in their own dtype)."""
+    dtype = next(net_a.parameters()).dtype
+    gen = torch.Generator().manual_seed(seed)
+    size, ch, n = config["image_size"], config["in_channels"], 4
+    x = torch.randn(n, ch, size, size, generator=gen).to(dtype)
+    t = torch.randint(0, 1000, (n,), generator=gen)
+    y = torch.randint(0, config["num_classes"], (n,), generator=gen)
+    with torch.no_grad():
+        out_a, out_b = net_a.eval()(x, t, y), net_b.eval()(x, t, y)
+    return ((out_a - out_b).abs().max() / out_a.abs().max().clamp_min(1e-30)).item()
+
+
+def _merged_plain(net: torch.nn.Module, config: dict, drop_branches: bool) -> torch.nn.Module:
+    plain = build_network(config, with_branches=False).to(next(net.parameters()).dtype)
+    plain.load_state_dict(merge_lowrank(net, drop_branches) if config.get("rank_ratio") else net.state_dict())
+    return plain
+
+
+def merge(model_path: str | Path, out: str | Path, *, drop_branches: bool = False) -> dict:
+    """Merge the EMA weights of a trained checkpoint into a plain U-Net checkpoint `out`."""
+    state = load_checkpoint(model_path, "cm.model/1")
+    config = state["config"]
+    net = build_network(config)
+    net.load_state_dict(state["ema"])
+    plain = _merged_plain(net, config, drop_branches)
+
+    has_branches = bool(config.get("rank_ratio"))
+    report = {"had_branches": has_branches, "drop_branches": drop_branches}
+    if has_branches and not drop_branches:
+        net64 = copy.deepcopy(net).double()
+        report["gap_float64"] = _relative_gap(net64, _merged_plain(net64, config, False), config)
+        report["gap_float32"] = _relative_gap(net, plain, config)
+        if report["gap_float64"] > FLOAT64_TOL or report["gap_float32"] > FLOAT32_TOL:
+            raise RuntimeError(f"{model_path}: merged and unmerged outputs differ: {report}")
+    io.save_torch(out, {"format": MERGED_FORMAT, "config": {**config, "rank_ratio": None},
+                        "method": state["method"], "step": state["step"],
+                        "state_dict": plain.state_dict(), "merge": report})
+    return report
+
+
+def load_merged(path: str | Path) -> tuple[torch.nn.Module, dict]:
+    """The plain U-Net of a merged checkpoint, in eval mode, and the checkpoint's metadata."""
+    state = load_checkpoint(path, MERGED_FORMAT)
+    net = build_network(state["config"], with_branches=False)
+    net.load_state_dict(state["state_dict"])
+    return net.eval(), {k: v for k, v in state.items() if k != "state_dict"}

@@ -1,0 +1,33 @@
+"""What every training objective shares: the per-batch result and the method interface."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+
+@dataclass
+class LossOutput:
+    """One batch's loss and what a wrapping objective (CM) needs to add its own term."""
+
+    loss: torch.Tensor              # scalar to minimise
+    x_t: torch.Tensor               # (N, C, H, W) noised images
+    t: torch.Tensor                 # (N,) timesteps
+    cond: torch.Tensor | None       # labels given to the network (None: whole batch dropped)
+    pred: torch.Tensor              # (N, C, H, W) the network's eps prediction on x_t
+    stats: dict[str, float] = field(default_factory=dict)
+
+
+class Method:
+    """A training objective: optionally reshapes the network, then maps a batch to a loss."""
+
+    name = "base"
+    rank_ratio: float | None = None  # set by objectives that reserve low-rank capacity
+
+    def prepare(self, net: nn.Module) -> None:
+        """Modify the freshly built network before training (default: nothing)."""
+
+    def __call__(self, net: nn.Module, x0: torch.Tensor, y: torch.Tensor) -> LossOutput:
+        raise NotImplementedError

@@ -1,0 +1,53 @@
+"""Capacity Manipulation (Hong et al., ICLR 2026) on top of any base objective.
+
+Reserved capacity: decoder 3x3 convs become W = W_g + B A (cm/lowrank.py). theta_g is the model
+with every branch off, theta_g+e the full model. Per batch (design section 7):
+
+    D_i  = mean_pixels (h_full,i - h_g,i)^2
+    L_CM = C * mean_i( (w_con p_{y_i} - w_div q_{y_i}) D_i ),  p_y ~ N_y,  q_y ~ 1 / N_y
+    L    = L_base(h_full) + lambda * L_CM
+"""
+
+from __future__ import annotations
+
+import torch
+
+from cm.lowrank import add_lowrank_branches, branches_disabled
+from cm.methods.base import LossOutput, Method
+
+
+def signed_class_weights(class_counts, w_con: float, w_div: float) -> torch.Tensor:
+    """C * (w_con p_y - w_div q_y): > 0 pulls class y toward theta_g (consistency), < 0 pushes it
+    onto the reserved branch (diversity). On balanced data with w_con = w_div it is zero."""
+    counts = torch.as_tensor(class_counts, dtype=torch.float64)
+    p = counts / counts.sum()
+    q = (1.0 / counts) / (1.0 / counts).sum()
+    return len(counts) * (w_con * p - w_div * q)
+
+
+class CapacityManipulation(Method):
+    """L = L_base(h_full) + lambda * L_CM, with two full forward passes per step as released."""
+
+    def __init__(self, base: Method, class_counts, *, rank_ratio: float, w_con: float,
+                 w_div: float, **kwargs):
+        self.base = base
+        self.name = "cm" if base.name == "ddpm" else f"cm+{base.name}"
+        self.rank_ratio = rank_ratio
+        self.lam = kwargs["lambda"]
+        self.class_weight = signed_class_weights(class_counts, w_con, w_div).float()
+
+    def prepare(self, net) -> None:
+        self.base.prepare(net)
+        add_lowrank_branches(net, self.rank_ratio)
+
+    def __call__(self, net, x0: torch.Tensor, y: torch.Tensor) -> LossOutput:
+        out = self.base(net, x0, y)  # base loss on the full model theta_g+e
+        # Second pass through theta_g alone: same x_t, t and (possibly dropped) labels, its own
+        # dropout mask, no stop-gradient, as in the released code.
+        with branches_disabled(net):
+            h_g = net(out.x_t, out.t, out.cond)
+        d = (out.pred - h_g).pow(2).flatten(1).mean(1)                 # D_i, (N,)
+        l_cm = (self.class_weight.to(y.device)[y] * d).mean()          # weights use the true label
+        out.loss = out.loss + self.lam * l_cm
+        out.stats.update(loss_cm=l_cm.item(), gap=d.mean().item())
+        return out

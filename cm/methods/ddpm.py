@@ -1,0 +1,29 @@
+"""The DDPM baseline: eps-prediction MSE with whole-batch label drop for guidance."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from cm.diffusion import GaussianDiffusion
+from cm.methods.base import LossOutput, Method
+
+
+class DDPM(Method):
+    """L = mean ||eps_theta(x_t, t, y) - eps||^2 (design section 7)."""
+
+    name = "ddpm"
+
+    def __init__(self, diffusion: GaussianDiffusion, label_drop: float):
+        self.diffusion = diffusion
+        self.label_drop = label_drop
+
+    def __call__(self, net, x0: torch.Tensor, y: torch.Tensor) -> LossOutput:
+        t = self.diffusion.sample_timesteps(len(x0), x0.device)
+        eps = torch.randn_like(x0)
+        x_t = self.diffusion.q_sample(x0, t, eps)
+        # Classifier-free guidance training: the *whole batch* goes unconditional with prob p.
+        cond = None if torch.rand(()).item() < self.label_drop else y
+        pred = net(x_t, t, cond)
+        loss = F.mse_loss(pred, eps)
+        return LossOutput(loss, x_t, t, cond, pred, {"loss_base": loss.item()})

@@ -1,0 +1,113 @@
+"""Tables and figures of one experiment: a row per method (mean and spread over seeds) and a
+sample grid per method with a row per class, head to tail."""
+
+from __future__ import annotations
+
+import csv
+import io as _io
+from pathlib import Path
+
+import numpy as np
+
+from cm import io
+
+COLUMNS = ["fid", "kid", "fid_many", "fid_medium", "fid_few", "acc", "acc_many", "acc_medium", "acc_few"]
+LOWER_IS_BETTER = {"fid", "kid", "fid_many", "fid_medium", "fid_few"}
+
+
+def summarise(runs: list[dict]) -> list[dict]:
+    """One row per method: mean and standard deviation (ddof=1; 0 for one seed) of every column.
+
+    `runs` holds dicts with keys method, seed and metrics (an evaluate stage's JSON).
+    """
+    rows = []
+    for method in dict.fromkeys(run["method"] for run in runs):
+        mine = [run for run in runs if run["method"] == method]
+        row = {"method": method, "seeds": len(mine), "feature_extractor": mine[0]["metrics"]["feature_extractor"]}
+        for col in COLUMNS:
+            values = np.array([run["metrics"][col] for run in mine], dtype=float)
+            row[col] = float(values.mean())
+            row[f"{col}_std"] = float(values.std(ddof=1)) if len(values) > 1 else 0.0
+        rows.append(row)
+    return rows
+
+
+def to_csv(rows: list[dict]) -> str:
+    buffer = _io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buffer.getvalue()
+
+
+def to_markdown(rows: list[dict], *, experiment: str, manifest: dict, evaluator: dict) -> str:
+    """The summary table with what produced it: feature extractor, data, class split."""
+    def cell(row, col):
+        digits = 4 if col.startswith("kid") else (3 if col.startswith("acc") else 2)
+        text = f"{row[col]:.{digits}f}"
+        return text + (f" ± {row[col + '_std']:.{digits}f}" if row["seeds"] > 1 else "")
+
+    counts = manifest["class_counts"]
+    lines = [
+        f"# {experiment}: summary",
+        "",
+        f"Features: `{rows[0]['feature_extractor']}` extractor (test accuracy on real data "
+        f"{evaluator.get('test_accuracy', float('nan')):.3f}). FID/KID: lower is better; acc: accuracy of "
+        "the extractor's classifier on generated samples, higher is better. Mean ± std over seeds.",
+        f"Training set: {manifest['source']['name']}, {manifest['profile']} profile, imbalance ratio "
+        f"{manifest['imbalance_ratio']}, {sum(counts)} images, per-class counts {counts}.",
+        "Splits: " + "; ".join(f"{k} = classes {v}" for k, v in manifest["splits"].items()) + ".",
+        "",
+        "| method | seeds | " + " | ".join(COLUMNS) + " |",
+        "|---|---|" + "---|" * len(COLUMNS),
+    ]
+    for row in rows:
+        lines.append(f"| {row['method']} | {row['seeds']} | " + " | ".join(cell(row, c) for c in COLUMNS) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def sample_grid(images: np.ndarray, labels: np.ndarray, manifest: dict, path: Path, *, per_row: int = 10,
+                title: str = "") -> None:
+    """A PNG with one row per class, ordered head to tail by training count."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    counts = manifest["class_counts"]
+    order = sorted(range(len(counts)), key=lambda c: (-counts[c], c))
+    h, w, ch = images.shape[1:]
+    canvas = np.full((len(order) * (h + 1), per_row * (w + 1), ch), 255, dtype=np.uint8)
+    for r, c in enumerate(order):
+        for k, img in enumerate(images[labels == c][:per_row]):
+            canvas[r * (h + 1):r * (h + 1) + h, k * (w + 1):k * (w + 1) + w] = img
+    scale = max(1.0, 48 / h) * 0.04
+    fig, ax = plt.subplots(figsize=(per_row * (w + 1) * scale + 1.5, len(order) * (h + 1) * scale + 0.6))
+    ax.imshow(canvas.squeeze(-1) if ch == 1 else canvas, cmap="gray" if ch == 1 else None,
+              interpolation="nearest")
+    names = manifest["class_names"]
+    ax.set_yticks([r * (h + 1) + h / 2 for r in range(len(order))],
+                  [f"{names[c]} ({counts[c]})" for c in order], fontsize=7)
+    ax.set_xticks([])
+    ax.set_title(title, fontsize=9)
+    for side in ax.spines.values():
+        side.set_visible(False)
+    fig.tight_layout()
+    with io.atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+
+
+def write_report(*, experiment: str, runs: list[dict], samples: dict[str, str], manifest: dict,
+                 evaluator: dict, out_dir: str | Path) -> list[dict]:
+    """summary.csv, summary.md and grids/<method>.png under `out_dir`."""
+    out_dir = Path(out_dir)
+    rows = summarise(runs)
+    io.write_text(out_dir / "summary.csv", to_csv(rows))
+    io.write_text(out_dir / "summary.md", to_markdown(rows, experiment=experiment, manifest=manifest,
+                                                       evaluator=evaluator))
+    for method, path in samples.items():
+        arrays = io.load_npz(path, required=("images", "labels"))
+        sample_grid(arrays["images"], arrays["labels"], manifest, out_dir / "grids" / f"{method}.png",
+                    title=f"{experiment}: {method} (rows: classes, head to tail; training count)")
+    return rows

@@ -1,0 +1,214 @@
+"""The training loop shared by every method: Adam with warm-up, clipping, EMA, checkpoints, resume.
+
+A run checkpoints every `checkpoint_every` steps into a folder named by the fingerprint of its
+settings, and a later run with the same settings resumes from the newest checkpoint there. The
+checkpoint holds everything that decides the remaining steps (model, EMA, optimiser, data order,
+RNG states), so a resumed run ends with the same weights as an uninterrupted one on the CPU.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import hashlib
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from cm import io
+from cm.data import load_training_set
+from cm.data.images import to_model_range
+from cm.diffusion import GaussianDiffusion
+from cm.methods import build_method
+from cm.models import build_unet
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_FORMAT = "cm.train/1"
+# Settings that do not change the trajectory of the steps taken, so a changed value still resumes.
+_NOT_IN_FINGERPRINT = ("steps", "checkpoint_every", "keep_checkpoints", "log_every")
+
+
+class EpochSampler:
+    """Shuffled epochs of batch indices (drop_last), resumable from its state."""
+
+    def __init__(self, n: int, batch_size: int, seed: int):
+        self.n, self.batch_size = n, min(batch_size, n)
+        self.generator = torch.Generator().manual_seed(seed)
+        self.perm, self.pos = torch.randperm(n, generator=self.generator), 0
+
+    def next(self) -> torch.Tensor:
+        if self.pos + self.batch_size > self.n:
+            self.perm, self.pos = torch.randperm(self.n, generator=self.generator), 0
+        batch = self.perm[self.pos:self.pos + self.batch_size]
+        self.pos += self.batch_size
+        return batch
+
+    def state_dict(self) -> dict:
+        return {"generator": self.generator.get_state(), "perm": self.perm, "pos": self.pos}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(state["generator"])
+        self.perm, self.pos = state["perm"], int(state["pos"])
+
+
+def fingerprint(run: dict) -> str:
+    """Short hash of everything that determines the training trajectory."""
+    run = copy.deepcopy(run)
+    for key in _NOT_IN_FINGERPRINT:
+        run["train"].pop(key, None)
+    return hashlib.sha256(json.dumps(run, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device = 'cuda' is not allowed here: no CUDA device is visible; use auto or cpu")
+    return torch.device(name)
+
+
+def _rng_state() -> dict:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _checkpoints(folder: Path) -> list[Path]:
+    """Checkpoints in a folder, newest first."""
+    return sorted(folder.glob("step_*.pt"), reverse=True)
+
+
+def _load_latest(folder: Path) -> dict | None:
+    """The newest readable checkpoint; a corrupt one is reported and the previous one tried."""
+    for path in _checkpoints(folder):
+        try:
+            state = io.load_torch(path)
+            if state.get("format") == CHECKPOINT_FORMAT:
+                log.info("resuming from %s", path)
+                return state
+            log.warning("%s: not a training checkpoint of this version; ignored", path)
+        except io.CorruptFileError as err:
+            log.warning("%s; falling back to the previous checkpoint", err)
+    return None
+
+
+def model_config(manifest: dict, experiment: dict, method) -> dict:
+    """What is needed to rebuild the network (and its low-rank branches) from a state dict."""
+    height, width, channels = manifest["image_shape"]
+    return {
+        "preset": experiment["model"],
+        "num_classes": manifest["num_classes"],
+        "in_channels": channels,
+        "image_size": height,
+        "rank_ratio": method.rank_ratio,
+    }
+
+
+def train(*, manifest: dict, experiment: dict, method_name: str, method_params: dict, seed: int,
+          out: Path, checkpoint_root: Path, history_out: Path, device: str = "auto",
+          progress: bool = True) -> dict:
+    """Train one method with one seed; write the final checkpoint `out` and the loss history CSV."""
+    cfg = experiment["train"]
+    dev = resolve_device(device)
+    run = {"manifest": manifest["content_sha256"], "model": experiment["model"], "method": method_name,
+           "method_params": method_params, "seed": seed, "diffusion": experiment["diffusion"],
+           "hflip": experiment["data"]["hflip"], "train": dict(cfg)}
+    folder = Path(checkpoint_root) / fingerprint(run)
+
+    torch.manual_seed(seed)
+    data = load_training_set(manifest)
+    x_all = to_model_range(data.images).to(dev)
+    y_all = torch.as_tensor(data.labels).to(dev)
+    diffusion = GaussianDiffusion(**experiment["diffusion"])
+    method = build_method(method_name, diffusion=diffusion, train=cfg, params=method_params,
+                          class_counts=manifest["class_counts"])
+    config = model_config(manifest, experiment, method)
+    net = build_unet(config["preset"], num_classes=config["num_classes"],
+                     in_channels=config["in_channels"], image_size=config["image_size"])
+    method.prepare(net)
+    net.to(dev).train()
+    ema = copy.deepcopy(net).eval().requires_grad_(False)
+    optimizer = torch.optim.Adam(net.parameters(), lr=cfg["lr"])
+    sampler = EpochSampler(len(y_all), cfg["batch_size"], seed)
+    start, history = 0, []
+
+    state = _load_latest(folder)
+    if state is not None:
+        net.load_state_dict(state["model"])
+        ema.load_state_dict(state["ema"])
+        optimizer.load_state_dict(state["optimizer"])
+        sampler.load_state_dict(state["sampler"])
+        _set_rng_state(state["rng"])
+        start, history = int(state["step"]), list(state["history"])
+
+    def save_checkpoint(step: int) -> None:
+        io.save_torch(folder / f"step_{step:09d}.pt", {
+            "format": CHECKPOINT_FORMAT, "step": step, "run": json.dumps(run, sort_keys=True),
+            "model": net.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
+            "sampler": sampler.state_dict(), "rng": _rng_state(), "history": history,
+        })
+        for old in _checkpoints(folder)[cfg["keep_checkpoints"]:]:
+            old.unlink(missing_ok=True)
+
+    params, ema_params = list(net.parameters()), list(ema.parameters())
+    window: dict[str, list[float]] = {}
+    t0 = time.perf_counter()
+    bar = tqdm(range(start, cfg["steps"]), initial=start, total=cfg["steps"], desc=f"train {method_name}",
+               disable=not progress, mininterval=1.0 if sys.stderr.isatty() else 30.0)
+    for step in bar:
+        for group in optimizer.param_groups:  # linear warm-up, then constant
+            group["lr"] = cfg["lr"] * min(1.0, (step + 1) / max(1, cfg["warmup_steps"]))
+        idx = sampler.next().to(dev)
+        x0, y = x_all[idx], y_all[idx]
+        if experiment["data"]["hflip"]:
+            flip = torch.rand(len(x0), device=dev) < 0.5
+            x0 = torch.where(flip.view(-1, 1, 1, 1), x0.flip(3), x0)
+        result = method(net, x0, y)
+        optimizer.zero_grad(set_to_none=True)
+        result.loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg["grad_clip"])
+        optimizer.step()
+        with torch.no_grad():  # EMA of the weights, updated every step
+            torch._foreach_lerp_(ema_params, params, 1.0 - cfg["ema_decay"])
+        for key, value in {"loss": result.loss.item(), "grad_norm": grad_norm.item(), **result.stats}.items():
+            window.setdefault(key, []).append(value)
+        if (step + 1) % cfg["log_every"] == 0 or step + 1 == cfg["steps"]:
+            history.append({"step": step + 1, **{k: sum(v) / len(v) for k, v in window.items()}})
+            window.clear()
+            bar.set_postfix(loss=f"{history[-1]['loss']:.4f}")
+        if (step + 1) % cfg["checkpoint_every"] == 0 or step + 1 == cfg["steps"]:
+            save_checkpoint(step + 1)
+    bar.close()
+    seconds = time.perf_counter() - t0
+
+    io.save_torch(out, {"format": "cm.model/1", "config": config, "method": method_name,
+                        "step": cfg["steps"], "fingerprint": folder.name,
+                        "state_dict": net.state_dict(), "ema": ema.state_dict()})
+    write_history(history_out, history)
+    steps_run = cfg["steps"] - start
+    return {"steps": cfg["steps"], "resumed_from": start, "seconds": seconds,
+            "seconds_per_step": seconds / steps_run if steps_run else 0.0,
+            "final_loss": history[-1]["loss"] if history else float("nan"),
+            "parameters": sum(p.numel() for p in net.parameters()), "history": history}
+
+
+def write_history(path: Path, history: list[dict]) -> None:
+    """The logged loss curve as CSV (a DVC plot)."""
+    keys = list(dict.fromkeys(k for row in history for k in row))
+    with io.atomic_path(path) as tmp, tmp.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=keys or ["step"])
+        writer.writeheader()
+        writer.writerows(history)

@@ -1,0 +1,56 @@
+# Helpers and validation shared by the rules. Nothing here has side effects at parse time:
+# SLURM jobs re-read the Snakefile.
+
+import os
+import time
+import uuid
+from pathlib import Path
+
+from snakemake.exceptions import WorkflowError
+from snakemake.utils import validate
+
+from cm.config import ConfigError, check_params
+from cm.pipeline import CODE, stage_params
+from cm.tracking import PIPELINE_ENV
+
+# One clear message for a configuration mistake, before any job is scheduled.
+try:
+    config.update(check_params(config))
+except ConfigError as err:
+    raise WorkflowError(str(err)) from None
+validate(config, "../schemas/params.schema.yaml")
+
+
+wildcard_constraints:
+    experiment="[A-Za-z][A-Za-z0-9_]*",
+    method="[a-z0-9_+]+",
+    seed=r"\d+",
+
+
+def code(stage):
+    """The package sources a stage's result depends on (a rerun trigger, as DVC's deps)."""
+    files = []
+    for entry in CODE[stage]:
+        path = Path(entry)
+        files += sorted(map(str, path.rglob("*.py"))) if path.is_dir() else [entry]
+    return files
+
+
+def settings(stage):
+    """The params.yaml values a stage reads, for Snakemake's params rerun trigger."""
+    return lambda wc: stage_params(config, stage, **wc)
+
+
+def res(stage, key):
+    """A portable resource of a stage (params.yaml: resources.<stage>, else resources.default)."""
+    return config["resources"].get(stage, config["resources"]["default"])[key]
+
+
+def run_files(pattern):
+    """`pattern` for every method and seed of the comparison, experiment left as a wildcard."""
+    return expand(pattern, method=config["methods"], seed=config["seeds"], allow_missing=True)
+
+
+onstart:
+    # Names this invocation so every stage's MLflow run joins one parent run; jobs inherit it.
+    os.environ.setdefault(PIPELINE_ENV, f"snakemake-{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}")

@@ -1,0 +1,17 @@
+rule prepare_data:
+    input:
+        code("prepare_data"),
+    output:
+        "results/{experiment}/data/manifest.json",
+    params:
+        settings=settings("prepare_data"),
+    log:
+        "logs/{experiment}/prepare_data.log",
+    threads: 1
+    resources:
+        mem_mb=res("default", "mem_mb"),
+        runtime=res("default", "runtime"),
+    conda:
+        "../../envs/cm.yaml"
+    shell:
+        "python -m cm prepare-data --experiment {wildcards.experiment} --out {output} > {log} 2>&1"

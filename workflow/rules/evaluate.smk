@@ -1,0 +1,66 @@
+rule train_evaluator:
+    input:
+        code("train_evaluator"),
+    output:
+        model="results/{experiment}/evaluator/feature_net.pt",
+        report="results/{experiment}/evaluator/report.json",
+    params:
+        settings=settings("train_evaluator"),
+    log:
+        "logs/{experiment}/train_evaluator.log",
+    threads: res("evaluate", "threads")
+    resources:
+        mem_mb=res("evaluate", "mem_mb"),
+        runtime=res("evaluate", "runtime"),
+    conda:
+        "../../envs/cm.yaml"
+    shell:
+        "python -m cm train-evaluator --experiment {wildcards.experiment} --out {output.model}"
+        " --report {output.report} --threads {threads} > {log} 2>&1"
+
+
+rule reference_features:
+    input:
+        code("reference_features"),
+        evaluator="results/{experiment}/evaluator/feature_net.pt",
+    output:
+        "results/{experiment}/reference/features.npz",
+    params:
+        settings=settings("reference_features"),
+    log:
+        "logs/{experiment}/reference_features.log",
+    threads: res("evaluate", "threads")
+    resources:
+        mem_mb=res("evaluate", "mem_mb"),
+        runtime=res("evaluate", "runtime"),
+    conda:
+        "../../envs/cm.yaml"
+    shell:
+        "python -m cm reference-features --experiment {wildcards.experiment}"
+        " --evaluator {input.evaluator} --out {output} --threads {threads} > {log} 2>&1"
+
+
+rule evaluate:
+    input:
+        code("evaluate"),
+        samples="results/{experiment}/samples/{method}/seed{seed}/samples.npz",
+        evaluator="results/{experiment}/evaluator/feature_net.pt",
+        reference="results/{experiment}/reference/features.npz",
+        manifest="results/{experiment}/data/manifest.json",
+    output:
+        "results/{experiment}/metrics/{method}/seed{seed}.json",
+    params:
+        settings=settings("evaluate"),
+    log:
+        "logs/{experiment}/evaluate/{method}/seed{seed}.log",
+    threads: res("evaluate", "threads")
+    resources:
+        mem_mb=res("evaluate", "mem_mb"),
+        runtime=res("evaluate", "runtime"),
+    conda:
+        "../../envs/cm.yaml"
+    shell:
+        "python -m cm evaluate --experiment {wildcards.experiment} --method {wildcards.method}"
+        " --seed {wildcards.seed} --samples {input.samples} --evaluator {input.evaluator}"
+        " --reference {input.reference} --manifest {input.manifest} --out {output}"
+        " --threads {threads} > {log} 2>&1"

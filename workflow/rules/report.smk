@@ -1,0 +1,50 @@
+rule report:
+    input:
+        code("report"),
+        metrics=run_files("results/{experiment}/metrics/{method}/seed{seed}.json"),
+        samples=run_files("results/{experiment}/samples/{method}/seed{seed}/samples.npz"),
+        manifest="results/{experiment}/data/manifest.json",
+        evaluator_report="results/{experiment}/evaluator/report.json",
+    output:
+        csv=report("results/{experiment}/report/summary.csv", category="Summary"),
+        md="results/{experiment}/report/summary.md",
+        grids=report(
+            directory("results/{experiment}/report/grids"),
+            patterns=["{method}.png"],
+            category="Samples",
+            caption="../report/grids.rst",
+        ),
+    params:
+        settings=settings("report"),
+    log:
+        "logs/{experiment}/report.log",
+    threads: 1
+    resources:
+        mem_mb=res("default", "mem_mb"),
+        runtime=res("default", "runtime"),
+    conda:
+        "../../envs/cm.yaml"
+    shell:
+        "python -m cm report --experiment {wildcards.experiment}"
+        " --metrics-dir results/{wildcards.experiment}/metrics"
+        " --samples-dir results/{wildcards.experiment}/samples --manifest {input.manifest}"
+        " --evaluator-report {input.evaluator_report} --out-dir results/{wildcards.experiment}/report"
+        " --threads {threads} > {log} 2>&1"
+
+
+# Outputs made by Snakemake are recorded in dvc.lock and the DVC cache, so `dvc status` is clean
+# and data and checkpoints are versioned whichever orchestrator produced them.
+rule register_dvc:
+    input:
+        expand("results/{experiment}/report/summary.md", experiment=config["run"]),
+    output:
+        "results/dvc_commit.txt",
+    params:
+        experiments=config["run"],
+    log:
+        "logs/register_dvc.log",
+    localrule: True
+    conda:
+        "../../envs/cm.yaml"
+    shell:
+        "python -m cm register-dvc --experiments {params.experiments} --out {output} > {log} 2>&1"

@@ -1,0 +1,65 @@
+rule train:
+    input:
+        code("train"),
+        manifest="results/{experiment}/data/manifest.json",
+    output:
+        model="results/{experiment}/train/{method}/seed{seed}/model.pt",
+        history="results/{experiment}/train/{method}/seed{seed}/history.csv",
+    params:
+        settings=settings("train"),
+        # Not an output: Snakemake would delete it with a failed job, and resuming needs it.
+        checkpoints=lambda wc: f"results/{wc.experiment}/train/{wc.method}/seed{wc.seed}/checkpoints",
+    log:
+        "logs/{experiment}/train/{method}/seed{seed}.log",
+    threads: res("train", "threads")
+    resources:
+        mem_mb=res("train", "mem_mb"),
+        runtime=res("train", "runtime"),
+        gpu=res("train", "gpu"),
+    conda:
+        "../../envs/cm.yaml"
+    shell:
+        "python -m cm train --experiment {wildcards.experiment} --method {wildcards.method}"
+        " --seed {wildcards.seed} --manifest {input.manifest} --out {output.model}"
+        " --history {output.history} --checkpoints {params.checkpoints} --threads {threads} > {log} 2>&1"
+
+
+rule merge:
+    input:
+        code("merge"),
+        model="results/{experiment}/train/{method}/seed{seed}/model.pt",
+    output:
+        "results/{experiment}/merged/{method}/seed{seed}/model.pt",
+    log:
+        "logs/{experiment}/merge/{method}/seed{seed}.log",
+    threads: 1
+    resources:
+        mem_mb=res("default", "mem_mb"),
+        runtime=res("default", "runtime"),
+    conda:
+        "../../envs/cm.yaml"
+    shell:
+        "python -m cm merge --experiment {wildcards.experiment} --method {wildcards.method}"
+        " --seed {wildcards.seed} --model {input.model} --out {output} --threads {threads} > {log} 2>&1"
+
+
+rule sample:
+    input:
+        code("sample"),
+        model="results/{experiment}/merged/{method}/seed{seed}/model.pt",
+    output:
+        "results/{experiment}/samples/{method}/seed{seed}/samples.npz",
+    params:
+        settings=settings("sample"),
+    log:
+        "logs/{experiment}/sample/{method}/seed{seed}.log",
+    threads: res("sample", "threads")
+    resources:
+        mem_mb=res("sample", "mem_mb"),
+        runtime=res("sample", "runtime"),
+        gpu=res("sample", "gpu"),
+    conda:
+        "../../envs/cm.yaml"
+    shell:
+        "python -m cm sample --experiment {wildcards.experiment} --method {wildcards.method}"
+        " --seed {wildcards.seed} --model {input.model} --out {output} --threads {threads} > {log} 2>&1"
