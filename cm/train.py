@@ -188,7 +188,7 @@ def train(*, manifest: dict, experiment: dict, method_name: str, method_params: 
         if (step + 1) % cfg["log_every"] == 0 or step + 1 == cfg["steps"]:
             history.append({"step": step + 1, **{k: sum(v) / len(v) for k, v in window.items()}})
             window.clear()
-            bar.set_postfix(loss=f"{history[-1]['loss']:.4f}")
+            bar.set_postfix(loss=f"{history[-1]['loss']:.4f}", refresh=False)
         if (step + 1) % cfg["checkpoint_every"] == 0 or step + 1 == cfg["steps"]:
             save_checkpoint(step + 1)
     bar.close()

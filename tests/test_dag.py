@@ -1,0 +1,77 @@
+"""Snakemake and DVC declare the same stages: same commands, outputs, inputs and parameters."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import yaml
+
+from cm.pipeline import CODE, PARAMS
+from tests.conftest import run
+
+ONLY_SNAKEMAKE = {"all", "register_dvc"}  # the target rule, and the rule that records outputs in DVC
+
+
+def snakemake_jobs(project):
+    """{shell command: {rule, outputs, inputs}} from Snakemake's dry run of the whole workflow."""
+    out = run(["snakemake", "--dry-run", "--printshellcmds", "--forceall"], project).stdout
+    jobs = {}
+    for block in re.split(r"\n(?:local)?rule ", out)[1:]:
+        rule = block.split(":", 1)[0]
+        fields = dict(re.findall(r"^    (input|output): (.*)$", block, re.M))
+        shell = re.search(r"^Shell command: (.*)$", block, re.M)
+        if rule in ONLY_SNAKEMAKE or shell is None:
+            continue
+        # Snakemake adds its log redirection and thread count; DVC runs the bare command.
+        cmd = " ".join(re.sub(r" --threads \d+| > \S+ 2>&1", "", shell.group(1)).split())
+        jobs[cmd] = {"rule": rule, "outputs": set(fields["output"].split(", ")),
+                     "inputs": set(fields.get("input", "").split(", ")) - {""}}
+    return jobs
+
+
+def dvc_stages(project):
+    """{command: {name, outs, deps, params}} from DVC's resolved pipeline."""
+    from dvc.repo import Repo
+
+    stages = {}
+    with Repo(str(project)) as repo:
+        for stage in repo.index.stages:
+            deps = [d.def_path for d in stage.deps if not d.def_path.endswith("params.yaml")]
+            params = [p for d in stage.deps if d.def_path.endswith("params.yaml") for p in d.params]
+            stages[" ".join(stage.cmd.split())] = {"name": stage.name, "outs": {o.def_path for o in stage.outs},
+                                                   "deps": deps, "params": sorted(params)}
+    return stages
+
+
+def covered(path, deps):
+    return any(path == dep or path.startswith(dep.rstrip("/") + "/") for dep in deps)
+
+
+@pytest.mark.parametrize("seeds", [[0], [0, 1]])
+def test_snakemake_and_dvc_run_the_same_commands_on_the_same_paths(project, seeds):
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["seeds"] = seeds  # both orchestrators read params.yaml
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    jobs, stages = snakemake_jobs(project), dvc_stages(project)
+    assert set(jobs) == set(stages), set(jobs) ^ set(stages)
+    for cmd, job in jobs.items():
+        stage = stages[cmd]
+        rule, _, instance = stage["name"].partition("@")
+        assert job["rule"] == rule
+        assert job["outputs"] == stage["outs"], cmd
+        # Every Snakemake input is a DVC dependency (or inside one), and vice versa.
+        assert all(covered(path, stage["deps"]) for path in job["inputs"]), cmd
+        assert all(any(covered(path, [dep]) for path in job["inputs"]) for dep in stage["deps"]), cmd
+        assert sorted(CODE[rule]) == sorted(d for d in stage["deps"] if d.startswith("cm/"))
+        experiment, method = instance.split("-")[0], (instance.split("-") + [None])[1]
+        expected = sorted(p.format(experiment=experiment, method=method) for p in PARAMS[rule])
+        assert stage["params"] == expected, stage["name"]
+    # Per experiment: 4 shared stages, and train/merge/sample/evaluate per method and seed.
+    assert len(stages) == 4 + 4 * len(params["methods"]) * len(seeds)
+
+
+def test_snakemake_lint_is_clean(project):
+    result = run(["snakemake", "--lint"], project, check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "Congratulations" in result.stdout + result.stderr

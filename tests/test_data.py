@@ -1,0 +1,108 @@
+"""Long-tailed construction: published counts, seeds, splits, manifests and the npz source."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from cm.data import DataError, build_manifest, load_training_set
+from cm.data.profiles import exponential_counts, many_medium_few, profile_counts, select_long_tailed
+from tests.conftest import SHARED_CIFAR
+
+# Published per-class counts (design section 4; Cao et al. 2019).
+CIFAR10_LT_100 = [5000, 2997, 1796, 1077, 645, 387, 232, 139, 83, 50]
+
+
+def digits(ratio=10, seed=0):
+    return {"source": "digits", "path": None, "profile": "exponential", "imbalance_ratio": ratio,
+            "seed": seed, "hflip": False}
+
+
+@pytest.mark.parametrize("n_max, classes, ratio, counts, total", [
+    (5000, 10, 100, CIFAR10_LT_100, 12406),
+    (5000, 10, 50, None, 13996),
+    (500, 100, 100, None, 10847),
+    (500, 100, 50, None, 12608),
+])
+def test_exponential_profile_matches_published_totals(n_max, classes, ratio, counts, total):
+    got = exponential_counts(n_max, classes, ratio)
+    assert sum(got) == total
+    assert got[0] == n_max and got[-1] == int(n_max / ratio)
+    if counts:
+        assert got == counts
+
+
+def test_digits_manifest():
+    manifest = build_manifest(digits())
+    smallest = 174  # the smallest digits class: every class can supply n_max images
+    assert manifest["class_counts"] == exponential_counts(smallest, 10, 10)
+    assert manifest["num_images"] == len(manifest["indices"]) == sum(manifest["class_counts"])
+    assert manifest["image_shape"] == [8, 8, 1]
+    data = load_training_set(manifest)
+    assert np.bincount(data.labels).tolist() == manifest["class_counts"]
+    assert data.images.dtype == np.uint8 and data.images.max() == 255
+
+
+def test_same_seed_same_indices_other_seed_other_indices():
+    assert build_manifest(digits(seed=0))["indices"] == build_manifest(digits(seed=0))["indices"]
+    assert build_manifest(digits(seed=1))["indices"] != build_manifest(digits(seed=0))["indices"]
+
+
+def test_selection_keeps_first_n_of_a_per_class_permutation():
+    labels = np.repeat(np.arange(3), 10)
+    idx = select_long_tailed(labels, [10, 4, 1], seed=3)
+    assert np.bincount(labels[idx]).tolist() == [10, 4, 1]
+    assert len(set(idx.tolist())) == len(idx)
+
+
+def test_many_medium_few_are_thirds_by_count():
+    assert many_medium_few([5, 50, 7, 9, 40, 1]) == {"many": [1, 4], "medium": [3, 2], "few": [0, 5]}
+    split = many_medium_few(exponential_counts(500, 100, 100))
+    assert [len(v) for v in split.values()] == [34, 33, 33]
+
+
+def test_ratio_that_empties_a_class_is_an_error():
+    labels = np.repeat(np.arange(4), 20)
+    with pytest.raises(ValueError, match=r"imbalance_ratio = 50 leaves class\(es\) \[3\]"):
+        profile_counts("exponential", labels, 4, 50)
+    with pytest.raises(DataError, match="without an image"):
+        build_manifest(digits(ratio=1000))
+
+
+def test_changed_source_is_detected(tmp_path):
+    path = tmp_path / "set.npz"
+    images = np.random.default_rng(0).integers(0, 256, (40, 4, 4, 3), dtype=np.uint8)
+    np.savez(path, images=images, labels=np.repeat(np.arange(4), 10))
+    manifest = build_manifest({**digits(ratio=2), "source": "npz", "path": str(path)})
+    assert load_training_set(manifest).images.shape[1:] == (4, 4, 3)
+    images[0] ^= 1
+    np.savez(path, images=images, labels=np.repeat(np.arange(4), 10))
+    with pytest.raises(DataError, match="differ"):
+        load_training_set(manifest)
+
+
+@pytest.mark.parametrize("arrays, message", [
+    ({"images": np.zeros((4, 2, 2, 1), np.uint8)}, r"missing array\(s\) \['labels'\]"),
+    ({"images": np.zeros((4, 2, 2), np.uint8), "labels": np.arange(4)}, "must be uint8 of shape"),
+    ({"images": np.zeros((4, 2, 2, 1), np.float32), "labels": np.arange(4)}, "must be uint8"),
+    ({"images": np.zeros((4, 2, 2, 1), np.uint8), "labels": np.array([0, 2, 2, 0])}, "without gaps"),
+])
+def test_malformed_npz_is_named(tmp_path, arrays, message):
+    path = tmp_path / "bad.npz"
+    np.savez(path, **arrays)
+    with pytest.raises(DataError, match=message) as info:
+        build_manifest({**digits(), "source": "npz", "path": str(path)})
+    assert str(path) in str(info.value)
+
+
+def test_missing_npz_file(tmp_path):
+    with pytest.raises(DataError, match="file not found"):
+        build_manifest({**digits(), "source": "npz", "path": str(tmp_path / "none.npz")})
+
+
+@pytest.mark.skipif(not SHARED_CIFAR.is_file(), reason="the CIFAR-10 copy in ../shared is not here")
+def test_cifar10_lt_from_npz_has_published_counts():
+    manifest = build_manifest({**digits(ratio=100), "source": "npz", "path": str(SHARED_CIFAR)})
+    assert manifest["class_counts"] == CIFAR10_LT_100
+    assert manifest["num_images"] == 12406
+    assert manifest["class_names"][0] == "airplane"

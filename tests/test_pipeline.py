@@ -1,0 +1,122 @@
+"""End to end: the real Snakemake, DVC and MLflow on a temporary copy with tiny budgets."""
+
+from __future__ import annotations
+
+import csv
+import math
+
+import matplotlib.image
+import mlflow
+import numpy as np
+import pytest
+import yaml
+
+from cm import io
+from tests.conftest import run
+
+pytestmark = pytest.mark.e2e
+STAGE_RUNS = {"prepare_data": 1, "train_evaluator": 1, "reference_features": 1, "train": 2, "merge": 2,
+              "sample": 2, "evaluate": 2, "report": 1}
+
+
+def stage_runs(project):
+    mlflow.set_tracking_uri(f"sqlite:///{project / 'mlflow.db'}")
+    return mlflow.search_runs(experiment_names=["capacity-manipulation"], output_format="list")
+
+
+def check_products(project):
+    """The report, grids, merged weights and samples an orchestrator must have produced."""
+    exp = project / "results" / "digits_lt"
+    rows = list(csv.DictReader((exp / "report" / "summary.csv").open()))
+    assert [row["method"] for row in rows] == ["ddpm", "cm"]
+    for row in rows:
+        for col in ("fid", "kid", "fid_many", "fid_medium", "fid_few", "acc_few"):
+            assert math.isfinite(float(row[col])), col
+        assert row["feature_extractor"] == "local"
+    manifest = io.read_json(exp / "data" / "manifest.json")
+    for method in ("ddpm", "cm"):
+        grid = matplotlib.image.imread(exp / "report" / "grids" / f"{method}.png")
+        assert grid.ndim == 3 and grid.shape[0] > 100
+        samples = io.load_npz(exp / "samples" / method / "seed0" / "samples.npz")
+        assert np.bincount(samples["labels"]).tolist() == [12] * manifest["num_classes"]  # balanced
+        assert samples["images"].dtype == np.uint8 and samples["images"].shape[1:] == (8, 8, 1)
+    merged = {m: io.load_torch(exp / "merged" / m / "seed0" / "model.pt")["state_dict"] for m in ("ddpm", "cm")}
+    assert {k: v.shape for k, v in merged["cm"].items()} == {k: v.shape for k, v in merged["ddpm"].items()}
+    trained = io.load_torch(exp / "train" / "cm" / "seed0" / "model.pt")["ema"]
+    assert any(k.endswith(".A") for k in trained) and not any(k.endswith(".A") for k in merged["cm"])
+
+
+def dvc_is_clean(project):
+    return "Data and pipelines are up to date" in run(["dvc", "status"], project).stdout
+
+
+def test_snakemake_runs_everything_registers_with_dvc_and_tracks_in_mlflow(project):
+    run(["snakemake", "--cores", "all"], project)
+    check_products(project)
+    assert dvc_is_clean(project)
+    run(["dvc", "push", "--quiet"], project)  # the default local-folder remote holds the outputs
+    assert any((project / "dvc-storage").rglob("*"))
+
+    runs = stage_runs(project)
+    stages = [r.data.tags.get("stage") for r in runs if r.data.tags.get("cm.stage") != "pipeline"]
+    assert {s: stages.count(s) for s in set(stages)} == STAGE_RUNS
+    parents = {r.data.tags["mlflow.parentRunId"] for r in runs if "mlflow.parentRunId" in r.data.tags}
+    assert len(parents) == 1 and parents <= {r.info.run_id for r in runs}
+    train = next(r for r in runs if r.data.tags.get("stage") == "train" and r.data.tags["method"] == "cm")
+    assert train.data.tags["seed"] == "0" and train.data.tags["cm.orchestrator"] == "snakemake"
+    assert "loss_cm" in train.data.metrics
+
+    again = run(["snakemake", "--cores", "all"], project)
+    assert "Nothing to be done" in again.stdout + again.stderr
+    assert len(stage_runs(project)) == len(runs)
+
+
+def test_dvc_repro_reproduces_the_pipeline(project):
+    run(["dvc", "repro", "--quiet"], project, timeout=900)
+    check_products(project)
+    assert dvc_is_clean(project)
+    runs = stage_runs(project)
+    children = [r for r in runs if r.data.tags.get("cm.stage") != "pipeline"]
+    assert len(children) == sum(STAGE_RUNS.values())
+    assert {r.data.tags["cm.orchestrator"] for r in children} == {"dvc"}
+    assert len({r.data.tags["mlflow.parentRunId"] for r in children}) == 1
+    metrics = run(["dvc", "metrics", "show", "--json"], project).stdout
+    assert "fid" in metrics
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda p: p["experiments"]["digits_lt"]["data"].update(imbalance_ratio=0.5),
+     "experiments.digits_lt.data.imbalance_ratio = 0.5 is not allowed: must be a number >= 1"),
+    (lambda p: p["method_params"]["cm"].update(rank_ratio=2), "method_params.cm.rank_ratio = 2"),
+    (lambda p: p.update(methods=["ddpm", "cbdn"]), "methods[1] = 'cbdn' is not allowed"),
+    (lambda p: p.update(run=["cifar"]), "run[0] = 'cifar' is not an experiment"),
+    (lambda p: p["experiments"]["digits_lt"].update(trian={}), "unknown key 'experiments.digits_lt.trian'"),
+])
+def test_bad_configuration_stops_snakemake_before_any_job(project, edit, message):
+    sentinel = project / "results" / "digits_lt" / "data" / "manifest.json"
+    sentinel.parent.mkdir(parents=True)
+    sentinel.write_text("{}")
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    edit(params)
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    result = run(["snakemake", "--cores", "all"], project, check=False)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0 and message in output, output
+    assert "Traceback" not in output
+    assert sorted(p.name for p in (project / "results").rglob("*")) == ["data", "digits_lt", "manifest.json"]
+    assert sentinel.read_text() == "{}" and not (project / "logs").exists()
+
+
+def test_stage_error_is_one_line_and_writes_nothing(project):
+    result = run(["python", "-m", "cm", "merge", "--experiment", "digits_lt", "--method", "cm", "--seed", "0",
+                  "--model", "missing.pt", "--out", "results/x.pt"], project, check=False)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == "error: missing.pt: file not found"
+    assert not (project / "results").exists()
+
+
+def test_merged_cm_model_matches_its_unmerged_outputs(project):
+    """The merge stage checks float64 and float32 agreement before writing; read its report."""
+    run(["snakemake", "--cores", "all", "results/digits_lt/merged/cm/seed0/model.pt"], project)
+    report = io.load_torch(project / "results/digits_lt/merged/cm/seed0/model.pt")["merge"]
+    assert report["had_branches"] and report["gap_float64"] <= 1e-10 and report["gap_float32"] <= 1e-5
