@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from cm import io
+from cm.data.profiles import head_to_tail
 
 COLUMNS = ["fid", "kid", "fid_many", "fid_medium", "fid_few", "acc", "acc_many", "acc_medium", "acc_few"]
 LOWER_IS_BETTER = {"fid", "kid", "fid_many", "fid_medium", "fid_few"}
@@ -66,6 +67,16 @@ def to_markdown(rows: list[dict], *, experiment: str, manifest: dict, evaluator:
     return "\n".join(lines) + "\n"
 
 
+def grid_canvas(images: np.ndarray, labels: np.ndarray, order: list[int], per_row: int) -> np.ndarray:
+    """Row r holds the first `per_row` images of class order[r], with 1-pixel white gaps."""
+    h, w, ch = images.shape[1:]
+    canvas = np.full((len(order) * (h + 1), per_row * (w + 1), ch), 255, dtype=np.uint8)
+    for r, c in enumerate(order):
+        for k, img in enumerate(images[labels == c][:per_row]):
+            canvas[r * (h + 1):r * (h + 1) + h, k * (w + 1):k * (w + 1) + w] = img
+    return canvas
+
+
 def sample_grid(images: np.ndarray, labels: np.ndarray, manifest: dict, path: Path, *, per_row: int = 10,
                 title: str = "") -> None:
     """A PNG with one row per class, ordered head to tail by training count."""
@@ -75,13 +86,10 @@ def sample_grid(images: np.ndarray, labels: np.ndarray, manifest: dict, path: Pa
     import matplotlib.pyplot as plt
 
     counts = manifest["class_counts"]
-    order = sorted(range(len(counts)), key=lambda c: (-counts[c], c))
+    order = head_to_tail(counts)
     h, w, ch = images.shape[1:]
-    canvas = np.full((len(order) * (h + 1), per_row * (w + 1), ch), 255, dtype=np.uint8)
-    for r, c in enumerate(order):
-        for k, img in enumerate(images[labels == c][:per_row]):
-            canvas[r * (h + 1):r * (h + 1) + h, k * (w + 1):k * (w + 1) + w] = img
-    scale = max(1.0, 48 / h) * 0.04
+    canvas = grid_canvas(images, labels, order, per_row)
+    scale = 0.6 / h  # inches per pixel: every image about 0.6 inch wide
     fig, ax = plt.subplots(figsize=(per_row * (w + 1) * scale + 1.5, len(order) * (h + 1) * scale + 0.6))
     ax.imshow(canvas.squeeze(-1) if ch == 1 else canvas, cmap="gray" if ch == 1 else None,
               interpolation="nearest")

@@ -38,8 +38,12 @@ def select_long_tailed(labels: np.ndarray, counts: list[int], seed: int) -> np.n
     return np.concatenate(kept)
 
 
+def head_to_tail(counts: list[int]) -> list[int]:
+    """Classes ordered by training count, largest first (ties by class index)."""
+    return sorted(range(len(counts)), key=lambda c: (-counts[c], c))
+
+
 def many_medium_few(counts: list[int]) -> dict[str, list[int]]:
-    """Thirds of the classes ordered by training count, largest first (ties by class index)."""
-    order = sorted(range(len(counts)), key=lambda c: (-counts[c], c))
-    many, medium, few = np.array_split(np.array(order, dtype=int), 3)
+    """Thirds of the classes ordered head to tail by training count."""
+    many, medium, few = np.array_split(np.array(head_to_tail(counts), dtype=int), 3)
     return {"many": many.tolist(), "medium": medium.tolist(), "few": few.tolist()}

@@ -1,0 +1,44 @@
+"""Report tables: mean and spread over seeds computed as stated; grids ordered head to tail."""
+
+from __future__ import annotations
+
+import statistics
+
+import matplotlib.image
+import numpy as np
+
+from cm.data.profiles import head_to_tail
+from cm.report import COLUMNS, grid_canvas, sample_grid, summarise, to_csv, to_markdown
+
+
+def fake_metrics(value):
+    return {"feature_extractor": "local", **{c: value + i for i, c in enumerate(COLUMNS)}}
+
+
+def test_summary_mean_and_std_over_seeds():
+    runs = [{"method": "ddpm", "seed": s, "metrics": fake_metrics(v)} for s, v in enumerate([1.0, 2.0, 4.0])]
+    runs.append({"method": "cm", "seed": 0, "metrics": fake_metrics(0.5)})
+    rows = summarise(runs)
+    assert [r["method"] for r in rows] == ["ddpm", "cm"]
+    assert rows[0]["fid"] == statistics.mean([1.0, 2.0, 4.0])
+    assert abs(rows[0]["fid_std"] - statistics.stdev([1.0, 2.0, 4.0])) < 1e-12
+    assert rows[1]["seeds"] == 1 and rows[1]["fid_std"] == 0.0
+    manifest = {"class_counts": [3, 2, 1], "source": {"name": "digits"}, "profile": "exponential",
+                "imbalance_ratio": 3, "splits": {"many": [0], "medium": [1], "few": [2]}}
+    text = to_markdown(rows, experiment="x", manifest=manifest, evaluator={"test_accuracy": 0.9})
+    assert "`local` extractor" in text and "| ddpm | 3 | 2.33 ± 1.53 |" in text
+    assert to_csv(rows).splitlines()[0].startswith("method,seeds,feature_extractor,fid,fid_std")
+
+
+def test_grid_has_a_row_per_class_head_first(tmp_path):
+    counts = [1, 9, 5]  # head is class 1, then 2, then 0
+    images = np.stack([np.full((4, 4, 1), 80 * c, np.uint8) for c in (0, 1, 2) for _ in range(3)])
+    labels = np.repeat([0, 1, 2], 3)
+    manifest = {"class_counts": counts, "class_names": ["a", "b", "c"]}
+    assert head_to_tail(counts) == [1, 2, 0]
+    canvas = grid_canvas(images, labels, head_to_tail(counts), per_row=3)
+    assert canvas.shape == (3 * 5, 3 * 5, 1)
+    assert [int(canvas[r * 5, 0, 0]) for r in range(3)] == [80, 160, 0]  # rows: class 1, 2, 0
+    path = tmp_path / "grid.png"
+    sample_grid(images, labels, manifest, path, per_row=3)
+    assert matplotlib.image.imread(path).shape[2] in (3, 4)
