@@ -16,12 +16,10 @@ from pathlib import Path
 
 from cm import config as cfg
 from cm import io
-from cm.data.sources import DataError
+from cm.errors import USER_ERRORS, ConfigError, DataError
 
 log = logging.getLogger("cm")
 
-# Errors that are the user's input, not a bug: reported in one line, without a traceback.
-USER_ERRORS = (cfg.ConfigError, DataError, io.CorruptFileError, FileNotFoundError)
 
 
 def _setup(args, *, uses_torch: bool = True) -> tuple[dict, dict]:
@@ -54,7 +52,7 @@ def cmd_prepare_data(args) -> None:
     try:
         manifest = build_manifest(experiment["data"])
     except DataError as err:
-        raise cfg.ConfigError(f"experiments.{args.experiment}.data: {err}") from None
+        raise ConfigError(f"experiments.{args.experiment}.data: {err}") from None
     io.write_json(args.out, manifest)
     log.info("%s: %d images, per-class counts %s", args.out, manifest["num_images"], manifest["class_counts"])
     log_stage(params["tracking"], stage="prepare_data", experiment=args.experiment,
@@ -251,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         args.func(args)
-    except USER_ERRORS as err:
+    except USER_ERRORS as err:  # the user's to act on: one line, no traceback
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0

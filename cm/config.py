@@ -15,13 +15,12 @@ from typing import Any
 import jsonschema
 import yaml
 
+from cm.errors import ConfigError
+
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 SCHEMA_PATH = PROJECT_ROOT / "workflow" / "schemas" / "params.schema.yaml"
 PARAMS_FILE = "params.yaml"
 
-
-class ConfigError(ValueError):
-    """A configuration mistake; the message names the key, the bad value and what is allowed."""
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):

@@ -15,9 +15,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-
-class CorruptFileError(ValueError):
-    """A file that exists but cannot be read as what it should be; the message names it."""
+from cm.errors import CorruptFileError
 
 
 @contextlib.contextmanager

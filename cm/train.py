@@ -24,6 +24,7 @@ from cm import io
 from cm.data import load_training_set
 from cm.data.images import to_model_range
 from cm.diffusion import GaussianDiffusion
+from cm.errors import NonFiniteLossError
 from cm.methods import build_method
 from cm.models import build_unet
 
@@ -31,7 +32,7 @@ log = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT = "cm.train/1"
 # Settings that do not change the trajectory of the steps taken, so a changed value still resumes.
-_NOT_IN_FINGERPRINT = ("steps", "checkpoint_every", "keep_checkpoints", "log_every")
+_NOT_IN_FINGERPRINT = ("steps", "checkpoint_every", "keep_checkpoints", "log_every", "max_nonfinite_steps")
 
 
 class EpochSampler:
@@ -143,7 +144,7 @@ def train(*, manifest: dict, experiment: dict, method_name: str, method_params: 
     ema = copy.deepcopy(net).eval().requires_grad_(False)
     optimizer = torch.optim.Adam(net.parameters(), lr=cfg["lr"])
     sampler = EpochSampler(len(y_all), cfg["batch_size"], seed)
-    start, history = 0, []
+    start, history, nonfinite = 0, [], 0
 
     state = _load_latest(folder)
     if state is not None:
@@ -152,13 +153,14 @@ def train(*, manifest: dict, experiment: dict, method_name: str, method_params: 
         optimizer.load_state_dict(state["optimizer"])
         sampler.load_state_dict(state["sampler"])
         _set_rng_state(state["rng"])
-        start, history = int(state["step"]), list(state["history"])
+        start, history, nonfinite = int(state["step"]), list(state["history"]), int(state["nonfinite"])
 
     def save_checkpoint(step: int) -> None:
         io.save_torch(folder / f"step_{step:09d}.pt", {
             "format": CHECKPOINT_FORMAT, "step": step, "run": json.dumps(run, sort_keys=True),
             "model": net.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
             "sampler": sampler.state_dict(), "rng": _rng_state(), "history": history,
+            "nonfinite": nonfinite,
         })
         for old in _checkpoints(folder)[cfg["keep_checkpoints"]:]:
             old.unlink(missing_ok=True)
@@ -178,14 +180,26 @@ def train(*, manifest: dict, experiment: dict, method_name: str, method_params: 
             x0 = torch.where(flip.view(-1, 1, 1, 1), x0.flip(3), x0)
         result = method(net, x0, y)
         optimizer.zero_grad(set_to_none=True)
-        result.loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg["grad_clip"])
-        optimizer.step()
-        with torch.no_grad():  # EMA of the weights, updated every step
-            torch._foreach_lerp_(ema_params, params, 1.0 - cfg["ema_decay"])
-        for key, value in {"loss": result.loss.item(), "grad_norm": grad_norm.item(), **result.stats}.items():
-            window.setdefault(key, []).append(value)
-        if (step + 1) % cfg["log_every"] == 0 or step + 1 == cfg["steps"]:
+        if not torch.isfinite(result.loss):
+            # NaN guard: skip the update (a bounded number of times), never checkpoint bad weights.
+            nonfinite += 1
+            if nonfinite > cfg["max_nonfinite_steps"]:
+                kept = _checkpoints(folder)
+                raise NonFiniteLossError(
+                    f"{method_name}: non-finite loss ({result.loss.item()}) at step {step + 1}, "
+                    f"{nonfinite} such step(s) > train.max_nonfinite_steps = {cfg['max_nonfinite_steps']}; "
+                    f"last good checkpoint kept: {kept[0] if kept else 'none yet'}")
+            log.warning("%s: non-finite loss at step %d skipped (%d of at most %d)", method_name, step + 1,
+                        nonfinite, cfg["max_nonfinite_steps"])
+        else:
+            result.loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg["grad_clip"])
+            optimizer.step()
+            with torch.no_grad():  # EMA of the weights, updated every step
+                torch._foreach_lerp_(ema_params, params, 1.0 - cfg["ema_decay"])
+            for key, value in {"loss": result.loss.item(), "grad_norm": grad_norm.item(), **result.stats}.items():
+                window.setdefault(key, []).append(value)
+        if ((step + 1) % cfg["log_every"] == 0 or step + 1 == cfg["steps"]) and window:
             history.append({"step": step + 1, **{k: sum(v) / len(v) for k, v in window.items()}})
             window.clear()
             bar.set_postfix(loss=f"{history[-1]['loss']:.4f}", refresh=False)
@@ -202,7 +216,8 @@ def train(*, manifest: dict, experiment: dict, method_name: str, method_params: 
     return {"steps": cfg["steps"], "resumed_from": start, "seconds": seconds,
             "seconds_per_step": seconds / steps_run if steps_run else 0.0,
             "final_loss": history[-1]["loss"] if history else float("nan"),
-            "parameters": sum(p.numel() for p in net.parameters()), "history": history}
+            "parameters": sum(p.numel() for p in net.parameters()), "nonfinite_steps": nonfinite,
+            "history": history}
 
 
 def write_history(path: Path, history: list[dict]) -> None:

@@ -7,9 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-
-class DataError(ValueError):
-    """A data source that is missing or malformed; the message names the file or setting."""
+from cm.errors import DataError
 
 
 @dataclass(frozen=True)

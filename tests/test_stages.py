@@ -1,0 +1,98 @@
+"""Merge, sample and evaluate as units, on a tiny trained model and the real digits."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from cm import config as cfg
+from cm import io
+from cm.data import build_manifest, load_source
+from cm.evaluate import evaluate, reference_features, train_evaluator
+from cm.merge import load_merged, merge
+from cm.models import build_unet
+from cm.sample import balanced_labels, sample
+from cm.train import train
+from tests.conftest import ROOT, tiny_budgets
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("trained")
+    params = tiny_budgets(cfg.load_params(ROOT / "params.yaml"))
+    experiment = params["experiments"]["digits_lt"]
+    experiment["train"]["steps"] = 4
+    manifest = build_manifest(experiment["data"])
+    for method in ("ddpm", "cm"):
+        train(manifest=manifest, experiment=experiment, method_name=method,
+              method_params=params["method_params"][method], seed=0, out=tmp / f"{method}.pt",
+              checkpoint_root=tmp / "ckpt", history_out=tmp / f"{method}.csv", progress=False)
+    return tmp, experiment, manifest
+
+
+def test_merged_cm_is_a_plain_unet_with_the_same_function(trained):
+    tmp, _, _ = trained
+    state = io.load_torch(tmp / "cm.pt")
+    for key in [k for k in state["ema"] if k.endswith(".B")]:
+        state["ema"][key] = torch.randn_like(state["ema"][key]) * 0.1  # a non-silent branch
+    io.save_torch(tmp / "cm_loud.pt", state)
+    report = merge(tmp / "cm_loud.pt", tmp / "cm_merged.pt")
+    merge(tmp / "ddpm.pt", tmp / "ddpm_merged.pt")
+    cm_net, _ = load_merged(tmp / "cm_merged.pt")
+    ddpm_net, _ = load_merged(tmp / "ddpm_merged.pt")
+    plain = build_unet("tiny", num_classes=10, in_channels=1, image_size=8).state_dict()
+    for net in (cm_net, ddpm_net):
+        assert {k: v.shape for k, v in net.state_dict().items()} == {k: v.shape for k, v in plain.items()}
+    assert report["had_branches"] and report["gap_float64"] <= 1e-10
+
+    # Independent check: apply W_g + (B @ A).view(...) by hand to the first decoder conv.
+    conv = "upblocks.0.conv1"
+    a, b, w = (state["ema"][f"{conv}.{p}"] for p in ("A", "B", "base.weight"))
+    torch.testing.assert_close(cm_net.state_dict()[f"{conv}.weight"], w + (b @ a).view(w.shape))
+
+
+def test_merge_refuses_files_of_the_wrong_kind(trained, tmp_path):
+    tmp, _, _ = trained
+    merge(tmp / "ddpm.pt", tmp_path / "merged.pt")
+    with pytest.raises(io.CorruptFileError, match=r"merged.pt: expected a cm.model/1 checkpoint"):
+        merge(tmp_path / "merged.pt", tmp_path / "again.pt")
+    (tmp_path / "torn.pt").write_bytes((tmp / "ddpm.pt").read_bytes()[:500])
+    with pytest.raises(io.CorruptFileError, match="torn.pt: not a readable checkpoint"):
+        merge(tmp_path / "torn.pt", tmp_path / "x.pt")
+    assert not (tmp_path / "x.pt").exists()
+
+
+def test_sampling_is_balanced_and_seeded(trained, tmp_path):
+    tmp, experiment, _ = trained
+    merge(tmp / "ddpm.pt", tmp_path / "m.pt")
+    experiment = copy.deepcopy(experiment)
+    experiment["sample"].update(per_class=3, batch_size=7)
+    for name, seed in (("a", 0), ("b", 0), ("c", 1)):
+        sample(merged_path=tmp_path / "m.pt", out=tmp_path / f"{name}.npz", experiment=experiment, seed=seed,
+               progress=False)
+    a, b, c = (io.load_npz(tmp_path / f"{n}.npz") for n in "abc")
+    assert a["labels"].tolist() == balanced_labels(10, 3).tolist() == np.repeat(np.arange(10), 3).tolist()
+    assert a["images"].shape == (30, 8, 8, 1) and a["images"].dtype == np.uint8
+    assert np.array_equal(a["images"], b["images"]) and not np.array_equal(a["images"], c["images"])
+
+
+def test_evaluating_the_reference_itself_gives_zero_distances(tmp_path):
+    params = tiny_budgets(cfg.load_params(ROOT / "params.yaml"))
+    experiment = params["experiments"]["digits_lt"]
+    experiment["evaluate"]["feature_net"]["steps"] = 30
+    manifest = build_manifest(experiment["data"])
+    train_evaluator(experiment=experiment, out=tmp_path / "net.pt", report_out=tmp_path / "net.json",
+                    progress=False)
+    reference_features(experiment=experiment, evaluator=tmp_path / "net.pt", out=tmp_path / "ref.npz")
+    full = load_source(experiment["data"])
+    io.save_npz(tmp_path / "gen.npz", images=full.images, labels=full.labels)
+    metrics = evaluate(samples=tmp_path / "gen.npz", evaluator=tmp_path / "net.pt", reference=tmp_path / "ref.npz",
+                       manifest=manifest, experiment=experiment, out=tmp_path / "metrics.json")
+    assert abs(metrics["fid"]) < 1e-6 and all(abs(f) < 1e-6 for f in metrics["per_class"]["fid"])
+    assert abs(metrics["fid_few"]) < 1e-6 and abs(metrics["kid"]) < 1e-3
+    ref = io.load_npz(tmp_path / "ref.npz")
+    assert metrics["acc"] == pytest.approx(float(np.mean(ref["predictions"] == ref["labels"])))
+    assert io.read_json(tmp_path / "metrics.json")["fid_many"] == metrics["fid_many"]
