@@ -9,8 +9,9 @@
 # Exits non-zero with a "slurm-cluster: ERROR: ..." message on failure.
 #
 # Layout:
-#   /etc/slurm/slurm.conf, /etc/slurm/gres.conf   (default path: the Snakemake
-#       SLURM executor strips every SLURM_* variable, SLURM_CONF included)
+#   /etc/slurm/slurm.conf, /etc/slurm/gres.conf   (the compiled-in default path,
+#       so no SLURM_CONF is needed: the Snakemake SLURM executor deletes every
+#       SLURM_* variable when it runs inside a SLURM job)
 #   /var/spool/slurmctld (state), /var/spool/slurmd (spool)
 #   /var/log/slurm/slurm{ctld,d}.log, /var/log/munge/munged.log
 #   /run/slurm/slurm{ctld,d}.pid,     /run/munge/munged.pid
@@ -18,12 +19,14 @@
 # GPU (gres gpu:1 on /dev/null) so `--gpus=1` jobs schedule; partition `debug`.
 # No accounting (accounting_storage/none): `sacct` does not work, use squeue /
 # scontrol show job (finished jobs stay visible there for MinJobAge=600 s).
+# Snakemake (executor plugin slurm 2.8) therefore needs `slurm-status-command:
+# squeue`; with the default (sacct) it loses track of its jobs and never ends.
 #
 # Stop the cluster (in this order):
 #   scancel --user=root 2>/dev/null            # optional: cancel jobs
 #   kill "$(cat /run/slurm/slurmd.pid)"; kill "$(cat /run/slurm/slurmctld.pid)"
 #   kill "$(cat /run/munge/munged.pid)"        # or: munged --stop (as munge)
-# A full reset also removes /var/spool/slurmctld (saved jobs/node state).
+# The next run starts slurmctld with -c (empty job state), so no reset is needed.
 #
 # Env: SLURM_CLUSTER_WAIT (seconds to wait for the node, default 30).
 set -euo pipefail
@@ -37,6 +40,9 @@ unset SLURM_CONF SLURM_JOB_ID SLURM_JOBID 2>/dev/null || true
 
 WAIT="${SLURM_CLUSTER_WAIT:-30}"
 T0=$(date +%s)
+# Serialise concurrent callers (CI and tests may start this at the same time).
+exec 9>/run/slurm-cluster.lock
+flock -w 180 9 || die "another slurm-cluster.sh is still running (lock /run/slurm-cluster.lock)"
 CONF_DIR=/etc/slurm
 CONF="$CONF_DIR/slurm.conf"
 GRES="$CONF_DIR/gres.conf"
@@ -51,7 +57,21 @@ pid_alive() { # pidfile expected-comm
     [ -s "$1" ] || return 1
     p=$(cat "$1" 2>/dev/null) || return 1
     [ -n "$p" ] && [ -d "/proc/$p" ] || return 1
-    [ "$(cat "/proc/$p/comm" 2>/dev/null)" = "$2" ]
+    [ "$(cat "/proc/$p/comm" 2>/dev/null)" = "$2" ] || return 1
+    # a killed daemon can linger as a zombie until init reaps it
+    case "$(sed 's/.*) //' "/proc/$p/stat" 2>/dev/null | cut -d' ' -f1)" in Z|X|"") return 1;; esac
+}
+# A daemon of that name running without our pid file (started by hand/elsewhere).
+# Waits up to 10 s, in case one is still shutting down (pid file already gone).
+stray() {
+    pid_alive "$1" "$2" && return 1
+    for _ in $(seq 1 50); do pgrep -r R,S,D,T -x "$2" >/dev/null 2>&1 || return 1; sleep 0.2; done
+    return 0
+}
+
+wait_pid() { # pidfile comm: a just-started daemon writes its pid file a bit later
+    for _ in $(seq 1 50); do pid_alive "$1" "$2" && return 0; sleep 0.2; done
+    return 1
 }
 
 stop_pidfile() { # pidfile comm
@@ -91,7 +111,7 @@ REAL_MEM=$(( MEM_MB * 9 / 10 ))
 # Default memory per allocated CPU when a job does not ask (--mem/--mem-per-cpu);
 # without it a job gets the whole node's memory and jobs could not overlap.
 DEF_MEM=$(( REAL_MEM / CPUS / 2 ))
-[ "$DEF_MEM" -gt 4096 ] && DEF_MEM=4096
+if [ "$DEF_MEM" -gt 4096 ]; then DEF_MEM=4096; fi
 
 NEW_CONF=$(cat <<EOF
 # Written by .ci/slurm-cluster.sh — single-node CI cluster; edits are overwritten.
@@ -102,6 +122,7 @@ SlurmdUser=root
 AuthType=auth/munge
 CredType=cred/munge
 MpiDefault=none
+MailProg=/bin/true
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 ReturnToService=2
@@ -147,8 +168,6 @@ if [ "$(cat "$GRES" 2>/dev/null || true)" != "$NEW_GRES" ]; then
     printf '%s\n' "$NEW_GRES" >"$GRES.tmp" && mv -f "$GRES.tmp" "$GRES"; CHANGED=1
 fi
 chmod 0644 "$CONF" "$GRES"
-# Debian's slurm packages read only /etc/slurm; keep any stale cgroup.conf
-# from interfering (not needed with proctrack/linuxproc + task/none).
 
 # ------------------------------------------------------------------ munge ---
 if [ ! -s /etc/munge/munge.key ]; then
@@ -170,7 +189,7 @@ if ! pid_alive "$MUNGE_PID" munged || ! munge -n </dev/null 2>/dev/null | unmung
     stop_pidfile "$MUNGE_PID" munged
     rm -f /run/munge/munge.socket.2 /run/munge/munge.socket.2.lock "$MUNGE_PID"
     log "starting munged"
-    runuser -u munge -- /usr/sbin/munged --force \
+    runuser -u munge -- /usr/sbin/munged --force 9>&- \
         || die "munged failed to start (see /var/log/munge/munged.log)"
     for _ in $(seq 1 50); do
         munge -n </dev/null 2>/dev/null | unmunge >/dev/null 2>&1 && break; sleep 0.1
@@ -194,11 +213,21 @@ if [ "$CHANGED" -eq 1 ]; then
     stop_pidfile "$CTLD_PID" slurmctld
 fi
 
+for d in slurmctld:"$CTLD_PID" slurmd:"$SLURMD_PID"; do
+    if stray "${d#*:}" "${d%%:*}"; then
+        die "a ${d%%:*} is running that this script did not start (no ${d#*:}; pids: $(pgrep -r R,S,D,T -x "${d%%:*}" | tr '\n' ' ')); stop it first"
+    fi
+done
+
 if ! pid_alive "$CTLD_PID" slurmctld; then
     log "starting slurmctld"
-    # -i: ignore saved state that does not match the config (e.g. after edits)
-    /usr/sbin/slurmctld -i \
+    # -c: start from an empty job/node state. A controller that is not running
+    # was killed (e.g. at the end of a CI session); its saved state can hold
+    # "running" jobs that no longer exist and would block CPUs forever.
+    /usr/sbin/slurmctld -c 9>&- \
         || die "slurmctld failed to start; last log lines: $(tail -n 5 "$LOG_DIR/slurmctld.log" 2>/dev/null)"
+    wait_pid "$CTLD_PID" slurmctld \
+        || die "slurmctld exited; last log lines: $(tail -n 5 "$LOG_DIR/slurmctld.log" 2>/dev/null)"
 fi
 for _ in $(seq 1 50); do scontrol ping >/dev/null 2>&1 && break; sleep 0.2; done
 scontrol ping 2>/dev/null | grep -q 'UP' \
@@ -206,17 +235,31 @@ scontrol ping 2>/dev/null | grep -q 'UP' \
 
 if ! pid_alive "$SLURMD_PID" slurmd; then
     log "starting slurmd"
-    /usr/sbin/slurmd \
+    SLURMD_T0=$(date +%s)
+    /usr/sbin/slurmd 9>&- \
         || die "slurmd failed to start; last log lines: $(tail -n 5 "$LOG_DIR/slurmd.log" 2>/dev/null)"
+    wait_pid "$SLURMD_PID" slurmd \
+        || die "slurmd exited; last log lines: $(tail -n 5 "$LOG_DIR/slurmd.log" 2>/dev/null)"
 fi
 
 # ------------------------------------------------------- wait for the node ---
 deadline=$(( $(date +%s) + WAIT ))
 resumed=0
 st=""
+# Has slurmd (re)registered with slurmctld since we started it?
+registered() {
+    [ -z "${SLURMD_T0:-}" ] && return 0
+    local t
+    t=$(scontrol show node "$NODE" 2>/dev/null | grep -o 'SlurmdStartTime=[^ ]*' | cut -d= -f2)
+    [ -n "$t" ] && [ "$(date -d "$t" +%s 2>/dev/null || echo 0)" -ge $(( SLURMD_T0 - 1 )) ]
+}
 while :; do
+    pid_alive "$SLURMD_PID" slurmd \
+        || die "slurmd exited; last log lines: $(tail -n 3 "$LOG_DIR/slurmd.log" 2>/dev/null)"
+    pid_alive "$CTLD_PID" slurmctld \
+        || die "slurmctld exited; last log lines: $(tail -n 3 "$LOG_DIR/slurmctld.log" 2>/dev/null)"
     st=$(node_state || true)
-    state_ok "$st" && break
+    state_ok "$st" && registered && break
     case "$st" in
         down*|drain*|drng*|fail*)
             if [ "$resumed" -eq 0 ]; then
@@ -232,6 +275,13 @@ while :; do
     fi
     sleep 0.5
 done
+
+# Smoke test on a cold start: one real job step through munge/slurmctld/slurmd.
+if [ "$st" = idle ]; then
+    timeout 30 srun --immediate=20 -N1 -n1 -t1 true >/dev/null 2>/tmp/slurm-cluster-srun.err \
+        || die "test job 'srun -n1 true' failed: $(tr '\n' ' ' </tmp/slurm-cluster-srun.err)"
+    for _ in $(seq 1 25); do [ "$(node_state)" = completing ] || break; sleep 0.2; done
+fi
 
 log "up: node ${NODE} ${st}, ${CPUS} CPUs, ${REAL_MEM} MB, gres gpu:1, partition debug ($(( $(date +%s) - T0 ))s)"
 sinfo

@@ -84,12 +84,13 @@ def cmd_reference_features(args) -> None:
 
 
 def cmd_train(args) -> None:
+    from cm.method_names import param_sections
     from cm.tracking import log_stage
     from cm.train import train
 
     params, experiment = _setup(args)
     manifest = io.read_json(args.manifest)
-    method_params = cfg.method_settings(params, args.method)
+    method_params = params["method_params"]
     summary = train(manifest=manifest, experiment=experiment, method_name=args.method,
                     method_params=method_params, seed=args.seed, out=Path(args.out),
                     checkpoint_root=Path(args.checkpoints), history_out=Path(args.history),
@@ -98,7 +99,8 @@ def cmd_train(args) -> None:
     log.info("trained %s seed %d: %s", args.method, args.seed, summary)
     log_stage(params["tracking"], stage="train", experiment=args.experiment, method=args.method,
               seed=args.seed, params={"model": experiment["model"], "train": experiment["train"],
-                                      "diffusion": experiment["diffusion"], "method": method_params},
+                                      "diffusion": experiment["diffusion"],
+                                      "method": {s: method_params[s] for s in param_sections(args.method)}},
               metrics=summary, history=history, artifacts=[args.history])
 
 
@@ -120,6 +122,7 @@ def cmd_sample(args) -> None:
     params, experiment = _setup(args)
     info = sample(merged_path=args.model, out=args.out, experiment=experiment, seed=args.seed,
                   device=_device(params), progress=_progress())
+    log.info("sampled %s seed %d: %s", args.method, args.seed, info)
     log_stage(params["tracking"], stage="sample", experiment=args.experiment, method=args.method,
               seed=args.seed, params=experiment["sample"], metrics=info)
 

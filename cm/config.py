@@ -150,12 +150,48 @@ def _semantic_checks(params: dict, base_dir: Path) -> None:
             path = path if path.is_absolute() else base_dir / path
             if not path.is_file():
                 raise ConfigError(f"{key} = {data['path']!r}: file not found")
+        _check_data_fits(name, params["experiments"][name], base_dir)
         diffusion = params["experiments"][name]["diffusion"]
         if diffusion["beta_start"] >= diffusion["beta_end"]:
             raise ConfigError(
                 f"experiments.{name}.diffusion.beta_start = {diffusion['beta_start']!r} is not allowed: "
                 f"must be < beta_end ({diffusion['beta_end']!r})"
             )
+
+
+def _check_data_fits(name: str, experiment: dict, base_dir: Path) -> None:
+    """The profile leaves every class an image; the generated set fits in memory."""
+    import numpy as np
+    import psutil
+
+    from cm.data.profiles import PROFILES
+    from cm.data.sources import source_summary
+    from cm.errors import DataError
+
+    data = dict(experiment["data"])
+    if data["path"] and not Path(data["path"]).is_absolute():
+        data["path"] = str(base_dir / data["path"])
+    try:
+        available, shape = source_summary(data)
+    except DataError as err:
+        raise ConfigError(f"experiments.{name}.data: {err}") from None
+    counts = PROFILES[data["profile"]](int(available.min()), len(available), data["imbalance_ratio"])
+    if min(counts) < 1:
+        largest = max(1, int(available.min()))
+        raise ConfigError(
+            f"experiments.{name}.data.imbalance_ratio = {data['imbalance_ratio']!r} leaves class(es) "
+            f"{[c for c, n in enumerate(counts) if n < 1]} without an image: must be <= {largest} "
+            f"(the head class has {counts[0]} images)")
+    per_class = experiment["sample"]["per_class"]
+    image_bytes = int(np.prod(shape))
+    # The sample stage holds the batches and their concatenation: about twice the set in memory.
+    budget = psutil.virtual_memory().total // 2
+    needed = 2 * per_class * len(available) * image_bytes
+    if needed > budget:
+        raise ConfigError(
+            f"experiments.{name}.sample.per_class = {per_class} needs {needed / 2**30:.1f} GiB for the "
+            f"generated images, more than half of this machine's memory; must be <= "
+            f"{budget // (2 * len(available) * image_bytes)}")
 
 
 def check_params(params: Any, *, base_dir: str | Path = ".", origin: str = PARAMS_FILE) -> dict:
@@ -191,13 +227,11 @@ def experiment(params: dict, name: str) -> dict:
     return params["experiments"][name]
 
 
-def method_settings(params: dict, method: str) -> dict:
-    """The hyper-parameters of one training method (empty for methods without any)."""
-    return params["method_params"].get(method, {})
-
-
 def check_method(name: str) -> None:
-    """A method name must be one the schema (and so the method registry) knows."""
-    allowed = schema()["properties"]["methods"]["items"]["enum"]
-    if name not in allowed:
-        raise ConfigError(f"method = {name!r} is not allowed: one of {', '.join(allowed)}")
+    """A method name must be one the method registry knows."""
+    from cm.method_names import parse_method
+
+    try:
+        parse_method(name)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None

@@ -8,6 +8,8 @@ tracking), so a change to, say, the report does not retrain models.
 
 from __future__ import annotations
 
+from cm.method_names import param_sections
+
 CODE = {
     "prepare_data": ["cm/data"],
     "train_evaluator": ["cm/data", "cm/metrics", "cm/evaluate.py"],
@@ -26,7 +28,7 @@ PARAMS = {
     "reference_features": ["experiments.{experiment}.data", "experiments.{experiment}.evaluate"],
     "train": ["experiments.{experiment}.model", "experiments.{experiment}.diffusion",
               "experiments.{experiment}.train", "experiments.{experiment}.data.hflip",
-              "method_params.{method}"],
+              "method_params.{section}"],
     "merge": [],
     "sample": ["experiments.{experiment}.diffusion", "experiments.{experiment}.sample"],
     "evaluate": ["experiments.{experiment}.evaluate"],
@@ -42,6 +44,16 @@ def lookup(params: dict, dotted: str):
     return value
 
 
+def param_keys(stage: str, **wildcards) -> list[str]:
+    """A job's params.yaml keys; {section} stands for every method_params section the method reads
+    (`cm` and `cbdm` for cm+cbdm)."""
+    keys = []
+    for key in PARAMS[stage]:
+        sections = param_sections(wildcards["method"]) if "{section}" in key else [None]
+        keys += [key.format(section=s, **wildcards) for s in sections]
+    return keys
+
+
 def stage_params(params: dict, stage: str, **wildcards) -> dict:
     """The values of a stage's parameters for one job: Snakemake's rerun trigger."""
-    return {key.format(**wildcards): lookup(params, key.format(**wildcards)) for key in PARAMS[stage]}
+    return {key: lookup(params, key) for key in param_keys(stage, **wildcards)}

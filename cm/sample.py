@@ -1,7 +1,15 @@
-"""Class-balanced generation from a merged model: the same number of images for every class."""
+"""Class-balanced generation from a merged model: the same number of images for every class.
+
+Batches are written to a `partial/` folder beside the output as they finish, under a key of the
+model file and the sampling settings, so a killed job resumes at the first missing batch (no
+batch generated twice, none missing); the folder is removed once the output is complete.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -21,6 +29,27 @@ def balanced_labels(num_classes: int, per_class: int) -> np.ndarray:
     return np.repeat(np.arange(num_classes, dtype=np.int64), per_class)
 
 
+def _run_key(merged_path: Path, experiment: dict, seed: int) -> str:
+    """What decides the images: the model's bytes, the sampler settings and the seed."""
+    digest = hashlib.sha256()
+    with open(merged_path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    digest.update(json.dumps([experiment["sample"], experiment["diffusion"], seed], sort_keys=True).encode())
+    return digest.hexdigest()[:16]
+
+
+def _finished_batch(path: Path, labels: np.ndarray) -> np.ndarray | None:
+    """The images of a batch written by an earlier attempt, if intact and for the same labels."""
+    if not path.is_file():
+        return None
+    try:
+        arrays = io.load_npz(path, required=("images", "labels"))
+    except io.CorruptFileError:
+        return None
+    return arrays["images"] if np.array_equal(arrays["labels"], labels) else None
+
+
 def sample(*, merged_path: str | Path, out: str | Path, experiment: dict, seed: int,
            device: str = "auto", progress: bool = True) -> dict:
     """Generate `per_class` images of every class and write them (uint8 NHWC + labels) to `out`."""
@@ -32,16 +61,27 @@ def sample(*, merged_path: str | Path, out: str | Path, experiment: dict, seed: 
     diffusion = GaussianDiffusion(**experiment["diffusion"])
     labels = balanced_labels(config["num_classes"], cfg["per_class"])
     shape = (config["in_channels"], config["image_size"], config["image_size"])
-    chunks = []
+    partial = Path(out).parent / "partial"
+    folder = partial / _run_key(Path(merged_path), experiment, seed)
+
+    chunks, resumed = [], 0
     starts = range(0, len(labels), cfg["batch_size"])
     for batch_index, start in enumerate(tqdm(starts, desc="sample", disable=not progress,
                                              mininterval=1.0 if sys.stderr.isatty() else 30.0)):
-        y = torch.as_tensor(labels[start:start + cfg["batch_size"]], device=dev)
-        # One generator per batch: a batch's images depend only on (seed, batch), not on history.
-        gen = torch.Generator(device=dev).manual_seed(seed * 1_000_003 + batch_index)
-        x = diffusion.sample(net, y, (len(y), *shape), sampler=cfg["sampler"], steps=cfg["steps"],
-                             guidance=cfg["guidance"], generator=gen)
-        chunks.append(to_uint8(x))
-    images = np.concatenate(chunks)
-    io.save_npz(out, images=images, labels=labels)
-    return {"num_images": int(len(labels)), "per_class": cfg["per_class"]}
+        batch_labels = labels[start:start + cfg["batch_size"]]
+        chunk = folder / f"batch_{batch_index:06d}.npz"
+        images = _finished_batch(chunk, batch_labels)
+        if images is None:
+            y = torch.as_tensor(batch_labels, device=dev)
+            # One generator per batch: a batch's images depend only on (seed, batch), not on history.
+            gen = torch.Generator(device=dev).manual_seed(seed * 1_000_003 + batch_index)
+            x = diffusion.sample(net, y, (len(y), *shape), sampler=cfg["sampler"], steps=cfg["steps"],
+                                 guidance=cfg["guidance"], generator=gen)
+            images = to_uint8(x)
+            io.save_npz(chunk, images=images, labels=batch_labels)
+        else:
+            resumed += 1
+        chunks.append(images)
+    io.save_npz(out, images=np.concatenate(chunks), labels=labels)
+    shutil.rmtree(partial, ignore_errors=True)
+    return {"num_images": int(len(labels)), "per_class": cfg["per_class"], "batches_resumed": resumed}

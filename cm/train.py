@@ -25,7 +25,7 @@ from cm.data import load_training_set
 from cm.data.images import to_model_range
 from cm.diffusion import GaussianDiffusion
 from cm.errors import NonFiniteLossError
-from cm.methods import build_method
+from cm.methods import build_method, resolve_params
 from cm.models import build_unet
 
 log = logging.getLogger(__name__)
@@ -121,12 +121,16 @@ def model_config(manifest: dict, experiment: dict, method) -> dict:
 def train(*, manifest: dict, experiment: dict, method_name: str, method_params: dict, seed: int,
           out: Path, checkpoint_root: Path, history_out: Path, device: str = "auto",
           progress: bool = True) -> dict:
-    """Train one method with one seed; write the final checkpoint `out` and the loss history CSV."""
+    """Train one method with one seed; write the final checkpoint `out` and the loss history CSV.
+
+    method_params: params.yaml's whole `method_params` mapping (a CM variant reads `cm` and its base's
+    section).
+    """
     cfg = experiment["train"]
     dev = resolve_device(device)
     run = {"manifest": manifest["content_sha256"], "model": experiment["model"], "method": method_name,
-           "method_params": method_params, "seed": seed, "diffusion": experiment["diffusion"],
-           "hflip": experiment["data"]["hflip"], "train": dict(cfg)}
+           "method_params": resolve_params(method_name, method_params), "seed": seed,
+           "diffusion": experiment["diffusion"], "hflip": experiment["data"]["hflip"], "train": dict(cfg)}
     folder = Path(checkpoint_root) / fingerprint(run)
 
     torch.manual_seed(seed)
@@ -134,7 +138,7 @@ def train(*, manifest: dict, experiment: dict, method_name: str, method_params: 
     x_all = to_model_range(data.images).to(dev)
     y_all = torch.as_tensor(data.labels).to(dev)
     diffusion = GaussianDiffusion(**experiment["diffusion"])
-    method = build_method(method_name, diffusion=diffusion, train=cfg, params=method_params,
+    method = build_method(method_name, diffusion=diffusion, train=cfg, all_params=method_params,
                           class_counts=manifest["class_counts"])
     config = model_config(manifest, experiment, method)
     net = build_unet(config["preset"], num_classes=config["num_classes"],
@@ -208,9 +212,10 @@ def train(*, manifest: dict, experiment: dict, method_name: str, method_params: 
     bar.close()
     seconds = time.perf_counter() - t0
 
-    io.save_torch(out, {"format": "cm.model/1", "config": config, "method": method_name,
-                        "step": cfg["steps"], "fingerprint": folder.name,
-                        "state_dict": net.state_dict(), "ema": ema.state_dict()})
+    if not _holds(out, folder.name, cfg["steps"]):  # else: leave the same result byte-identical
+        io.save_torch(out, {"format": "cm.model/1", "config": config, "method": method_name,
+                            "step": cfg["steps"], "fingerprint": folder.name,
+                            "state_dict": net.state_dict(), "ema": ema.state_dict()})
     write_history(history_out, history)
     steps_run = cfg["steps"] - start
     return {"steps": cfg["steps"], "resumed_from": start, "seconds": seconds,
@@ -218,6 +223,16 @@ def train(*, manifest: dict, experiment: dict, method_name: str, method_params: 
             "final_loss": history[-1]["loss"] if history else float("nan"),
             "parameters": sum(p.numel() for p in net.parameters()), "nonfinite_steps": nonfinite,
             "history": history}
+
+
+def _holds(path: Path, fingerprint_: str, step: int) -> bool:
+    """Whether `path` already is the final checkpoint of this run (torch.save is not byte-stable,
+    so rewriting it would make DVC rerun every stage downstream)."""
+    try:
+        state = io.load_torch(path)
+    except (FileNotFoundError, io.CorruptFileError):
+        return False
+    return state.get("fingerprint") == fingerprint_ and state.get("step") == step
 
 
 def write_history(path: Path, history: list[dict]) -> None:

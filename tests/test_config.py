@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from cm import config as cfg
-from cm.methods import METHODS
+from cm.method_names import METHOD_NAMES
 from tests.conftest import ROOT
 
 
@@ -53,7 +53,8 @@ def test_defaults_are_filled_in(raw):
      "method_params.cm.rank_ratio", "0.0", "> 0 and <= 1"),
     (lambda r: r["method_params"]["cm"].update(rank_ratio=1.5),
      "method_params.cm.rank_ratio", "1.5", "> 0 and <= 1"),
-    (lambda r: r.update(methods=["ddpm", "cbdn"]), "methods[1]", "'cbdn'", "one of ddpm, cm"),
+    (lambda r: r.update(methods=["ddpm", "cbdn"]), "methods[1]", "'cbdn'", "one of ddpm, cbdm, oc, cm"),
+    (lambda r: r.update(methods=["cm+cm"]), "methods[0]", "'cm+cm'", "one of ddpm, cbdm, oc, cm"),
     (lambda r: r["experiments"]["digits_lt"]["data"].update(source="mnist"),
      "experiments.digits_lt.data.source", "'mnist'", "one of digits, npz"),
     (lambda r: r.update(run=["digits"]), "run[0]", "'digits'", "defined: digits_lt"),
@@ -86,7 +87,7 @@ def test_yaml_is_parsed_safely(tmp_path):
 
 
 def test_schema_method_names_are_the_registry():
-    assert cfg.schema()["properties"]["methods"]["items"]["enum"] == list(METHODS)
+    assert cfg.schema()["properties"]["methods"]["items"]["enum"] == list(METHOD_NAMES)
 
 
 def test_input_is_not_modified(raw):

@@ -89,6 +89,7 @@ def test_dvc_repro_reproduces_the_pipeline(project):
      "experiments.digits_lt.data.imbalance_ratio = 0.5 is not allowed: must be a number >= 1"),
     (lambda p: p["method_params"]["cm"].update(rank_ratio=2), "method_params.cm.rank_ratio = 2"),
     (lambda p: p.update(methods=["ddpm", "cbdn"]), "methods[1] = 'cbdn' is not allowed"),
+    (lambda p: p.update(methods=["cm+cm"]), "methods[0] = 'cm+cm' is not allowed"),
     (lambda p: p.update(run=["cifar"]), "run[0] = 'cifar' is not an experiment"),
     (lambda p: p["experiments"]["digits_lt"].update(trian={}), "unknown key 'experiments.digits_lt.trian'"),
 ])

@@ -94,3 +94,13 @@ def test_training_reduces_the_loss(tmp_path, setup):
     summary, _ = run(tmp_path, setup, "ddpm", steps=60)
     losses = [row["loss"] for row in summary["history"]]
     assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5
+
+
+def test_rerun_with_unchanged_settings_rewrites_the_same_bytes(tmp_path, setup):
+    """What makes DVC's coarse method_params dependency cheap: a retrain whose own settings did not
+    change resumes from its final checkpoint and writes an identical file (nothing downstream reruns)."""
+    run(tmp_path, setup, "ddpm")
+    first = (tmp_path / "model.pt").read_bytes()
+    summary, _ = run(tmp_path, setup, "ddpm")
+    assert summary["resumed_from"] == summary["steps"]
+    assert (tmp_path / "model.pt").read_bytes() == first

@@ -65,3 +65,24 @@ def load_source(data: dict) -> LabeledImages:
     if data["source"] not in SOURCES:
         raise DataError(f"data.source = {data['source']!r} is not allowed: one of {', '.join(SOURCES)}")
     return SOURCES[data["source"]](data)
+
+
+def source_summary(data: dict) -> tuple[np.ndarray, tuple[int, ...]]:
+    """(images per class, image shape) of a source without decoding its images, for checks that
+    run before any job starts."""
+    if data["source"] == "npz":
+        import zipfile
+
+        path = Path(data["path"])
+        try:
+            with np.load(path, allow_pickle=False) as archive:
+                labels = archive["labels"].astype(np.int64)
+            with zipfile.ZipFile(path) as zf, zf.open("images.npy") as fh:
+                major, _ = np.lib.format.read_magic(fh)
+                read_header = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+                shape, _, _ = read_header(fh)
+        except (OSError, KeyError, ValueError, zipfile.BadZipFile) as err:
+            raise DataError(f"{path}: not a readable .npz file with images and labels ({err})") from None
+        return np.bincount(labels), tuple(shape[1:])
+    full = load_source(data)
+    return np.bincount(full.labels, minlength=full.num_classes), full.images.shape[1:]

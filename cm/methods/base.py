@@ -31,3 +31,16 @@ class Method:
 
     def __call__(self, net: nn.Module, x0: torch.Tensor, y: torch.Tensor) -> LossOutput:
         raise NotImplementedError
+
+
+def noised_batch(diffusion, x0: torch.Tensor, y: torch.Tensor, label_drop: float):
+    """The draws of every eps-prediction objective, in DDPM's order: t, eps, the label-drop coin.
+
+    Returns (t, eps, x_t, cond); cond is None when the whole batch goes unconditional (prob.
+    `label_drop`). Keeping the order fixed lets tests replay a method's randomness.
+    """
+    t = diffusion.sample_timesteps(len(x0), x0.device)          # (N,)
+    eps = torch.randn_like(x0)                                  # (N, C, H, W)
+    x_t = diffusion.q_sample(x0, t, eps)                        # (N, C, H, W)
+    cond = None if torch.rand(()).item() < label_drop else y
+    return t, eps, x_t, cond

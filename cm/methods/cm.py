@@ -25,15 +25,28 @@ def signed_class_weights(class_counts, w_con: float, w_div: float) -> torch.Tens
     return len(counts) * (w_con * p - w_div * q)
 
 
-class CapacityManipulation(Method):
-    """L = L_base(h_full) + lambda * L_CM, with two full forward passes per step as released."""
+CM_DEFAULTS = {"rank_ratio": 0.1, "w_con": 1.0, "w_div": 0.2, "lambda": 1.0}  # released values
 
-    def __init__(self, base: Method, class_counts, *, rank_ratio: float, w_con: float,
-                 w_div: float, **kwargs):
+
+class CapacityManipulation(Method):
+    """L = L_base(h_full) + lambda * L_CM, with two full forward passes per step as released.
+
+    `base` is any objective whose LossOutput.pred is the full model's eps on (x_t, t, cond).
+    With lambda = 0 (the `lowrank_only` ablation) the theta_g pass is skipped: the model is
+    then the base objective trained with reserved, but unregularised, low-rank branches.
+    """
+
+    def __init__(self, base: Method, class_counts, *, rank_ratio: float = CM_DEFAULTS["rank_ratio"],
+                 w_con: float = CM_DEFAULTS["w_con"], w_div: float = CM_DEFAULTS["w_div"],
+                 name: str | None = None, **kwargs):
+        unknown = set(kwargs) - {"lambda"}
+        if unknown:
+            raise TypeError(f"CapacityManipulation got unexpected parameters {sorted(unknown)}")
         self.base = base
-        self.name = "cm" if base.name == "ddpm" else f"cm+{base.name}"
+        self.name = name or ("cm" if base.name == "ddpm" else f"cm+{base.name}")
         self.rank_ratio = rank_ratio
-        self.lam = kwargs["lambda"]
+        self.lam = float(kwargs.get("lambda", CM_DEFAULTS["lambda"]))
+        self.w_con, self.w_div = float(w_con), float(w_div)
         self.class_weight = signed_class_weights(class_counts, w_con, w_div).float()
 
     def prepare(self, net) -> None:
@@ -42,8 +55,12 @@ class CapacityManipulation(Method):
 
     def __call__(self, net, x0: torch.Tensor, y: torch.Tensor) -> LossOutput:
         out = self.base(net, x0, y)  # base loss on the full model theta_g+e
+        if self.lam == 0:
+            return out  # L_CM has no weight: spare the theta_g pass
         # Second pass through theta_g alone: same x_t, t and (possibly dropped) labels, its own
         # dropout mask, no stop-gradient, as in the released code.
+        # Fast mode (design section 7, not implemented): branches sit in the decoder only, so the
+        # encoder and middle block could be run once and shared, and only the decoder run twice.
         with branches_disabled(net):
             h_g = net(out.x_t, out.t, out.cond)
         d = (out.pred - h_g).pow(2).flatten(1).mean(1)                 # D_i, (N,)

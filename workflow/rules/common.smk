@@ -11,6 +11,7 @@ from snakemake.utils import validate
 
 from cm.config import ConfigError, check_params
 from cm.pipeline import CODE, stage_params
+from cm.runlock import FolderBusyError, claim
 from cm.tracking import PIPELINE_ENV
 
 # One clear message for a configuration mistake, before any job is scheduled.
@@ -19,6 +20,14 @@ try:
 except ConfigError as err:
     raise WorkflowError(str(err)) from None
 validate(config, "../schemas/params.schema.yaml")
+
+# A second run in the same folder is refused before it looks at any file (jobs re-reading the
+# Snakefile on a cluster are part of the run that holds the lock, so they skip this).
+if workflow.is_main_process:
+    try:
+        claim()
+    except FolderBusyError as err:
+        raise WorkflowError(str(err)) from None
 
 
 wildcard_constraints:

@@ -1,0 +1,51 @@
+"""Method names and their grammar, without importing torch (the Snakefile and the config
+check read them at parse time). The objectives themselves are in cm/methods.
+
+A name is a base objective (`ddpm`, `cbdm`, `oc`) or a CM variant stacked on a base,
+`VARIANT+BASE`, where a bare `VARIANT` means `VARIANT+ddpm`.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+BASE_NAMES = ("ddpm", "cbdm", "oc")
+# CM variants: the CM parameters each one fixes, whatever method_params.cm says.
+CM_VARIANTS = {"cm": {}, "lowrank_only": {"lambda": 0.0}, "cm_no_con": {"w_con": 0.0},
+               "cm_no_div": {"w_div": 0.0}}
+
+
+class MethodSpec(NamedTuple):
+    """A parsed method name: the CM variant (None for a plain base objective) and the base."""
+
+    variant: str | None
+    base: str
+
+
+METHODS: dict[str, MethodSpec] = {name: MethodSpec(None, name) for name in BASE_NAMES}
+for _variant in CM_VARIANTS:
+    METHODS[_variant] = MethodSpec(_variant, "ddpm")
+    METHODS.update({f"{_variant}+{base}": MethodSpec(_variant, base) for base in BASE_NAMES})
+METHOD_NAMES: tuple[str, ...] = tuple(METHODS)
+
+# Evaluation-only models -> the training method whose checkpoint they reuse (merged, branches dropped).
+MERGE_ONLY: dict[str, str] = {"cm_gonly": "cm", **{f"cm_gonly+{base}": f"cm+{base}" for base in BASE_NAMES}}
+
+
+def parse_method(name: str) -> MethodSpec:
+    """(variant, base) of a method name; ValueError naming the value and what is allowed."""
+    if name in METHODS:
+        return METHODS[name]
+    if name in MERGE_ONLY:
+        raise ValueError(f"method = {name!r} is not a training method: it merges the checkpoint of "
+                         f"{MERGE_ONLY[name]!r} with its branches dropped")
+    raise ValueError(
+        f"method = {name!r} is not allowed: one of {', '.join(METHOD_NAMES)} "
+        f"(a base {', '.join(BASE_NAMES)}, or a CM variant {', '.join(CM_VARIANTS)} optionally followed "
+        f"by +base)")
+
+
+def param_sections(name: str) -> tuple[str, ...]:
+    """The `method_params` sections a method reads (for fingerprints and DVC param deps)."""
+    spec = parse_method(name)
+    return (spec.base,) if spec.variant is None else ("cm", spec.base)

@@ -1,0 +1,121 @@
+"""Inception loading paths, clean-fid preprocessing and batching, and the Inception Score.
+
+The real weights cannot be downloaded on the test machines, so the loading tests exercise the
+missing/corrupt paths only, and ``inception_features`` runs with a small stand-in module in
+place of the network. That stub is the only one in this file: it checks the input it receives
+(float32 NCHW 299x299 in [0, 255]) and maps it to features deterministically, which is all the
+preprocessing and batching code depends on.
+"""
+
+import numpy as np
+import pytest
+import torch
+from cleanfid.fid import get_files_features
+from torch import nn
+
+from cm import io
+from cm.metrics import inception
+from cm.metrics.inception import inception_features, inception_score, load_inception
+
+
+class StandIn(nn.Module):
+    """Pretends to be InceptionV3W: (B, 3, 299, 299) -> (B, 48) features, plus base.output."""
+
+    def __init__(self):
+        super().__init__()
+        self.base = nn.Module()
+        self.base.output = nn.Linear(48, 10)
+        self.seen = []
+
+    def forward(self, x):
+        assert x.dtype == torch.float32 and x.shape[1:] == (3, 299, 299), x.shape
+        assert 0 <= x.min() and x.max() <= 255
+        self.seen.append(len(x))
+        return nn.functional.adaptive_avg_pool2d(x, 4).flatten(1)  # (B, 48)
+
+
+@pytest.fixture
+def images():
+    return np.random.default_rng(0).integers(0, 256, size=(7, 16, 16, 3), dtype=np.uint8)
+
+
+def test_features_equal_clean_fid_pipeline(images, tmp_path):
+    # clean-fid's own loader (ResizeDataset, mode "clean") on the same images saved as .npy files.
+    files = []
+    for i, img in enumerate(images):
+        files.append(tmp_path / f"{i}.npy")
+        np.save(files[-1], img)
+    net = StandIn()
+    want = get_files_features(files, model=net, num_workers=0, batch_size=3, device=torch.device("cpu"),
+                              mode="clean", verbose=False)
+    net.seen.clear()
+    got = inception_features(net, images, batch_size=3)
+    assert net.seen == [3, 3, 1]  # batching
+    assert got.dtype == np.float64 and got.shape == (7, 48)
+    np.testing.assert_array_equal(got, want.astype(np.float64))
+    np.testing.assert_array_equal(inception_features(net, images, batch_size=5, num_workers=2), got)
+
+
+def test_grayscale_and_logits(images):
+    net = StandIn()
+    gray = images[..., :1]
+    np.testing.assert_array_equal(inception_features(net, gray), inception_features(net, np.repeat(gray, 3, -1)))
+    feats, logits = inception_features(net, images, batch_size=4, logits=True)
+    np.testing.assert_allclose(logits, feats @ net.base.output.weight.detach().double().numpy().T, rtol=1e-5)
+    with pytest.raises(ValueError, match="base.output"):
+        inception_features(nn.Identity(), images, logits=True)
+    with pytest.raises(ValueError, match="uint8"):
+        inception_features(net, images.astype(np.float32))
+
+
+def test_missing_weights_say_how_to_get_them(tmp_path, monkeypatch):
+    monkeypatch.setattr(inception, "CLEANFID_WEIGHTS", tmp_path / "nowhere" / inception.WEIGHTS_NAME)
+    with pytest.raises(FileNotFoundError) as err:
+        load_inception(None)
+    msg = str(err.value)
+    assert "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt" in msg
+    assert "evaluate.inception_weights" in msg and "nowhere" in msg
+    with pytest.raises(FileNotFoundError, match="missing.pt does not exist.*evaluate.inception_weights"):
+        load_inception(tmp_path / "missing.pt")
+    with pytest.raises(FileNotFoundError, match=f"{tmp_path}/{inception.WEIGHTS_NAME} does not exist"):
+        load_inception(tmp_path)  # a folder without the file
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.:FutureWarning")
+def test_corrupt_weights_name_the_file(tmp_path, monkeypatch):
+    bad = tmp_path / inception.WEIGHTS_NAME
+    bad.write_bytes(b"truncated download")
+    for arg in (bad, tmp_path):  # the file itself, or its folder
+        with pytest.raises(io.CorruptFileError, match=f"{bad}: not clean-fid's TorchScript Inception"):
+            load_inception(arg)
+    monkeypatch.setattr(inception, "CLEANFID_WEIGHTS", bad)
+    with pytest.raises(io.CorruptFileError, match=str(bad)):
+        load_inception(None)
+    # A readable TorchScript file of some other model, under another name.
+    other = tmp_path / "other.pt"
+    torch.jit.save(torch.jit.script(nn.Linear(2, 2)), other)
+    with pytest.raises(io.CorruptFileError, match=f"{other}: not clean-fid's"):
+        load_inception(other)
+
+
+def test_inception_score_closed_forms():
+    assert inception_score(np.full((100, 8), 1 / 8), splits=10) == pytest.approx((1.0, 0.0))
+    c, splits = 7, 5
+    onehot = np.eye(c)[np.arange(c * splits * 3) % c]  # each split holds every class 3 times
+    assert inception_score(onehot, splits=splits) == pytest.approx((c, 0.0))
+    assert inception_score(np.log(onehot + 1e-300), splits=splits, from_logits=True) == pytest.approx((c, 0.0))
+    assert inception_score(np.zeros((40, 3)), splits=4, from_logits=True) == pytest.approx((1.0, 0.0))
+
+
+def test_inception_score_matches_formula():
+    rng = np.random.default_rng(1)
+    logits = rng.normal(size=(60, 5)) * 2
+    p = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    want = [np.exp(np.mean([np.sum(q * np.log(q / part.mean(0))) for q in part])) for part in np.split(p, 3)]
+    got = inception_score(logits, splits=3, from_logits=True)
+    assert got == pytest.approx((np.mean(want), np.std(want)), rel=1e-10)
+    assert inception_score(p, splits=3) == pytest.approx(got, rel=1e-10)
+    with pytest.raises(ValueError, match="summing to 1"):
+        inception_score(logits, splits=3)
+    with pytest.raises(ValueError, match="splits"):
+        inception_score(p, splits=61)
