@@ -79,7 +79,7 @@ def cmd_reference_features(args) -> None:
 
     params, experiment = _setup(args)
     info = reference_features(experiment=experiment, evaluator=args.evaluator, out=args.out,
-                              device=_device(params))
+                              stats_out=args.stats_out, device=_device(params))
     log_stage(params["tracking"], stage="reference_features", experiment=args.experiment, metrics=info)
 
 
@@ -133,14 +133,15 @@ def cmd_evaluate(args) -> None:
 
     params, experiment = _setup(args)
     metrics = evaluate(samples=args.samples, evaluator=args.evaluator, reference=args.reference,
-                       manifest=io.read_json(args.manifest), experiment=experiment, out=args.out,
+                       stats=args.stats, manifest=io.read_json(args.manifest), experiment=experiment, out=args.out,
                        device=_device(params))
-    log.info("%s seed %d: fid %.3f kid %.4f fid_few %.3f", args.method, args.seed, metrics["fid"],
-             metrics["kid"], metrics["fid_few"])
+    log.info("%s seed %d: fid %.3f (floor %.3f), kid %.4f, fid_few %.3f (floor %.3f)", args.method, args.seed,
+             metrics["fid"], metrics["fid_floor"], metrics["kid"], metrics["fid_few"], metrics["fid_few_floor"])
     per_class = metrics.pop("per_class")
     log_stage(params["tracking"], stage="evaluate", experiment=args.experiment, method=args.method,
               seed=args.seed, params=experiment["evaluate"],
-              metrics={**metrics, **{f"fid_class_{c}": v for c, v in enumerate(per_class["fid"])}},
+              metrics={**{k: v for k, v in metrics.items() if not isinstance(v, list)},
+                       **{f"fid_class_{c}": v for c, v in enumerate(per_class["fid"])}},
               artifacts=[args.out])
 
 
@@ -217,9 +218,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = stage("train-evaluator", cmd_train_evaluator, "train the local feature network on balanced real data")
     p.add_argument("--out", required=True)
     p.add_argument("--report", required=True)
-    p = stage("reference-features", cmd_reference_features, "features of the full balanced real set")
+    p = stage("reference-features", cmd_reference_features,
+              "features and per-class statistics of the full balanced real set")
     p.add_argument("--evaluator", required=True)
     p.add_argument("--out", required=True)
+    p.add_argument("--stats-out", required=True)
     p = stage("train", cmd_train, "train one method with one seed (resumes from checkpoints)", run=True)
     p.add_argument("--manifest", required=True)
     p.add_argument("--out", required=True)
@@ -232,7 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True)
     p.add_argument("--out", required=True)
     p = stage("evaluate", cmd_evaluate, "FID/KID/accuracy, overall, per class, many/medium/few", run=True)
-    for name in ("samples", "evaluator", "reference", "manifest", "out"):
+    for name in ("samples", "evaluator", "reference", "stats", "manifest", "out"):
         p.add_argument(f"--{name}", required=True)
     p = stage("report", cmd_report, "summary tables and sample grids of one experiment")
     p.add_argument("--metrics-dir", required=True, help="holds <method>/seed<seed>.json per run")

@@ -1,5 +1,11 @@
-"""Evaluation stages: the local feature network, the real reference features, and the metrics of a
-generated set (overall, per class and many/medium/few), all in one feature space."""
+"""Evaluation stages: the local classifier, the real reference (features and per-class statistics)
+and the metrics of a generated set, overall, per class and many/medium/few, each beside its
+noise floor.
+
+Two networks serve two purposes. The *feature extractor* (`evaluate.feature_extractor`: `local`,
+the classifier's penultimate layer, or clean-fid's `inception`) gives the space for FID, KID and
+precision/recall. The local *classifier* always gives the per-class accuracy of generated samples.
+"""
 
 from __future__ import annotations
 
@@ -11,66 +17,113 @@ from cm import io
 from cm.data import load_source
 from cm.metrics import distances
 from cm.metrics.feature_net import extract, load_feature_net, save_feature_net, train_feature_net
+from cm.metrics.floors import half_sizes, split_halves
+from cm.metrics.frechet import ReferenceStats
+from cm.metrics.prdc import precision_recall
+
+
+def dataset_id(data: dict) -> str:
+    """Names the real reference, so statistics of another dataset are never used by mistake."""
+    return f"{data['source']}:{data['path'] or ''}"
 
 
 def train_evaluator(*, experiment: dict, out: str | Path, report_out: str | Path, seed: int = 0,
                     device: str = "cpu", progress: bool = True) -> dict:
-    """Train the `local` feature network on the full balanced source; record its test accuracy."""
+    """Train the local classifier on the full balanced source; record its held-out accuracy."""
     cfg = experiment["evaluate"]["feature_net"]
     full = load_source(experiment["data"])
     model, report = train_feature_net(
         full.images, full.labels, num_classes=full.num_classes, steps=cfg["steps"],
         batch_size=cfg["batch_size"], lr=cfg["lr"], seed=seed, test_fraction=cfg["test_fraction"],
         feature_dim=cfg["feature_dim"], device=device, progress=progress)
-    report = {"feature_extractor": "local", **report}
+    report = {"classifier": "local", **report}
     save_feature_net(model, report, out)
     io.write_json(report_out, report)
     return report
 
 
-def reference_features(*, experiment: dict, evaluator: str | Path, out: str | Path,
+def features(experiment: dict, classifier, images: np.ndarray, device: str) -> tuple[np.ndarray, np.ndarray]:
+    """(features in the configured extractor's space, the local classifier's predicted labels)."""
+    cfg = experiment["evaluate"]
+    local_feats, pred = extract(classifier, images, device=device)
+    if cfg["feature_extractor"] == "local":
+        return local_feats, pred
+    from cm.metrics.inception import inception_features, load_inception
+
+    extractor = load_inception(cfg["inception_weights"], device=device)  # never falls back silently
+    return inception_features(extractor, images, device=device), pred
+
+
+def reference_features(*, experiment: dict, evaluator: str | Path, out: str | Path, stats_out: str | Path,
                        device: str = "cpu") -> dict:
-    """Features of the full balanced real set: the reference every generated set is compared with."""
-    full = load_source(experiment["data"])
-    model, _ = load_feature_net(evaluator)
-    feats, pred = extract(model, full.images, device=device)
+    """Features of the full balanced real set and its per-class statistics, computed once per
+    dataset and extractor and reused by every method and seed."""
+    cfg, data = experiment["evaluate"], experiment["data"]
+    full = load_source(data)
+    classifier, _ = load_feature_net(evaluator)
+    feats, pred = features(experiment, classifier, full.images, device)
     io.save_npz(out, features=feats, labels=full.labels, predictions=pred,
-                extractor=np.array("local"))
+                extractor=np.array(cfg["feature_extractor"]), dataset=np.array(dataset_id(data)))
+    ReferenceStats.from_features(feats, full.labels, full.num_classes, extractor=cfg["feature_extractor"],
+                                 dataset=dataset_id(data)).save(stats_out)
     return {"num_images": int(len(full.labels)), "feature_dim": int(feats.shape[1])}
 
 
-def _mean(values: list[float], classes: list[int]) -> float:
-    return float(np.mean([values[c] for c in classes]))
+def distances_between(gen: np.ndarray, gen_labels: np.ndarray, ref: np.ndarray, stats: ReferenceStats,
+                      splits: dict[str, list[int]], cfg: dict) -> dict:
+    """FID, KID, precision/recall, per-class FID and FID of each class group."""
+    in_group = {name: np.isin(gen_labels, classes) for name, classes in splits.items()}
+    return {
+        "fid": distances.fid(gen, ref),
+        "kid": distances.kid(gen, ref, num_subsets=cfg["kid_subsets"], max_subset_size=cfg["kid_subset_size"]),
+        **precision_recall(ref, gen, k=cfg["prdc_k"]),
+        **{f"fid_{name}": stats.fid_to(gen[mask], splits[name]) for name, mask in in_group.items()},
+        "fid_per_class": stats.per_class_fid(gen, gen_labels),
+    }
 
 
-def evaluate(*, samples: str | Path, evaluator: str | Path, reference: str | Path, manifest: dict,
-             experiment: dict, out: str | Path, device: str = "cpu") -> dict:
-    """FID, KID, per-class and many/medium/few FID, and per-class accuracy of a generated set."""
-    cfg = experiment["evaluate"]
+def noise_floor(ref: np.ndarray, ref_labels: np.ndarray, gen_labels: np.ndarray, num_classes: int,
+                splits: dict[str, list[int]], cfg: dict) -> dict:
+    """The same distances between two disjoint random halves of the real reference, each half as
+    large per class as the generated set (or half the class, when the class is smaller)."""
+    ref_counts = np.bincount(ref_labels, minlength=num_classes)
+    sizes = half_sizes(np.minimum(np.bincount(gen_labels, minlength=num_classes), ref_counts // 2), ref_counts)
+    a, b = split_halves(ref_labels, sizes, cfg["floor_seed"])
+    stats = ReferenceStats.from_features(ref[b], ref_labels[b], num_classes)
+    floor = distances_between(ref[a], ref_labels[a], ref[b], stats, splits, cfg)
+    return {**floor, "half_size_per_class": sizes.tolist()}
+
+
+def evaluate(*, samples: str | Path, evaluator: str | Path, reference: str | Path, stats: str | Path,
+             manifest: dict, experiment: dict, out: str | Path, device: str = "cpu") -> dict:
+    """Metrics of a generated set against the real reference, with their floors."""
+    cfg, data = experiment["evaluate"], experiment["data"]
     gen = io.load_npz(samples, required=("images", "labels"))
-    ref = io.load_npz(reference, required=("features", "labels", "extractor"))
-    if str(ref["extractor"]) != cfg["feature_extractor"]:
-        raise io.CorruptFileError(
-            f"{reference}: features come from extractor {str(ref['extractor'])!r}, "
-            f"this experiment evaluates with {cfg['feature_extractor']!r}; run reference_features again")
-    model, _ = load_feature_net(evaluator)
-    feats, pred = extract(model, gen["images"], device=device)
+    ref = io.load_npz(reference, required=("features", "labels", "extractor", "dataset"))
+    for key, expected in (("extractor", cfg["feature_extractor"]), ("dataset", dataset_id(data))):
+        if str(ref[key]) != expected:
+            raise io.CorruptFileError(f"{reference}: features of {key} {str(ref[key])!r}, this experiment "
+                                      f"needs {expected!r}; run reference_features again")
+    ref_stats = ReferenceStats.load(stats, extractor=cfg["feature_extractor"], dataset=dataset_id(data))
+    classifier, _ = load_feature_net(evaluator)
+    feats, pred = features(experiment, classifier, gen["images"], device)
     labels, num_classes, splits = gen["labels"], manifest["num_classes"], manifest["splits"]
 
-    per_class = distances.per_class_fid(feats, labels, ref["features"], ref["labels"], num_classes)
+    measured = distances_between(feats, labels, ref["features"], ref_stats, splits, cfg)
+    floor = noise_floor(ref["features"], ref["labels"], labels, num_classes, splits, cfg)
     accuracy = distances.per_class_accuracy(pred, labels, num_classes)
-    groups = distances.group_fid(feats, labels, ref["features"], ref["labels"], splits)
+    per_class = {"fid": measured.pop("fid_per_class"), "fid_floor": floor.pop("fid_per_class"),
+                 "acc": accuracy, "train_count": manifest["class_counts"]}
     metrics = {
         "feature_extractor": cfg["feature_extractor"],
         "num_generated": int(len(labels)),
         "num_reference": int(len(ref["labels"])),
-        "fid": distances.fid(feats, ref["features"]),
-        "kid": distances.kid(feats, ref["features"], num_subsets=cfg["kid_subsets"],
-                             max_subset_size=cfg["kid_subset_size"]),
-        **{f"fid_{name}": value for name, value in groups.items()},
+        **measured,
+        **{f"{key}_floor": value for key, value in floor.items() if key != "half_size_per_class"},
+        "floor_half_size_per_class": floor["half_size_per_class"],
         "acc": float(np.mean(pred == labels)),
-        **{f"acc_{name}": _mean(accuracy, classes) for name, classes in splits.items()},
-        "per_class": {"fid": per_class, "acc": accuracy, "train_count": manifest["class_counts"]},
+        **{f"acc_{name}": float(np.mean([accuracy[c] for c in classes])) for name, classes in splits.items()},
+        "per_class": per_class,
     }
     io.write_json(out, metrics)
     return metrics

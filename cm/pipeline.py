@@ -31,7 +31,7 @@ PARAMS = {
               "method_params.{section}"],
     "merge": [],
     "sample": ["experiments.{experiment}.diffusion", "experiments.{experiment}.sample"],
-    "evaluate": ["experiments.{experiment}.evaluate"],
+    "evaluate": ["experiments.{experiment}.data", "experiments.{experiment}.evaluate"],
     "report": ["methods", "seeds"],
 }
 

@@ -12,8 +12,10 @@ import numpy as np
 from cm import io
 from cm.data.profiles import head_to_tail
 
-COLUMNS = ["fid", "kid", "fid_many", "fid_medium", "fid_few", "acc", "acc_many", "acc_medium", "acc_few"]
-LOWER_IS_BETTER = {"fid", "kid", "fid_many", "fid_medium", "fid_few"}
+COLUMNS = ["fid", "kid", "fid_many", "fid_medium", "fid_few", "precision", "recall",
+           "acc", "acc_many", "acc_medium", "acc_few"]
+# Distances whose real-versus-real floor the report prints beside them.
+WITH_FLOOR = ["fid", "kid", "fid_many", "fid_medium", "fid_few"]
 
 
 def summarise(runs: list[dict]) -> list[dict]:
@@ -29,6 +31,8 @@ def summarise(runs: list[dict]) -> list[dict]:
             values = np.array([run["metrics"][col] for run in mine], dtype=float)
             row[col] = float(values.mean())
             row[f"{col}_std"] = float(values.std(ddof=1)) if len(values) > 1 else 0.0
+            if col in WITH_FLOOR:
+                row[f"{col}_floor"] = float(np.mean([run["metrics"][f"{col}_floor"] for run in mine]))
         rows.append(row)
     return rows
 
@@ -44,7 +48,7 @@ def to_csv(rows: list[dict]) -> str:
 def to_markdown(rows: list[dict], *, experiment: str, manifest: dict, evaluator: dict) -> str:
     """The summary table with what produced it: feature extractor, data, class split."""
     def cell(row, col):
-        digits = 4 if col.startswith("kid") else (3 if col.startswith("acc") else 2)
+        digits = 4 if col.startswith("kid") else (2 if col.startswith("fid") else 3)
         text = f"{row[col]:.{digits}f}"
         return text + (f" ± {row[col + '_std']:.{digits}f}" if row["seeds"] > 1 else "")
 
@@ -53,8 +57,9 @@ def to_markdown(rows: list[dict], *, experiment: str, manifest: dict, evaluator:
         f"# {experiment}: summary",
         "",
         f"Features: `{rows[0]['feature_extractor']}` extractor (test accuracy on real data "
-        f"{evaluator.get('test_accuracy', float('nan')):.3f}). FID/KID: lower is better; acc: accuracy of "
-        "the extractor's classifier on generated samples, higher is better. Mean ± std over seeds.",
+        f"{evaluator.get('test_accuracy', float('nan')):.3f}). FID/KID: lower is better; precision/recall "
+        "(k-NN, Kynkaanniemi et al.) and acc (the local classifier's accuracy on generated samples): "
+        "higher is better. Mean ± std over seeds.",
         f"Training set: {manifest['source']['name']}, {manifest['profile']} profile, imbalance ratio "
         f"{manifest['imbalance_ratio']}, {sum(counts)} images, per-class counts {counts}.",
         "Splits: " + "; ".join(f"{k} = classes {v}" for k, v in manifest["splits"].items()) + ".",
@@ -64,6 +69,13 @@ def to_markdown(rows: list[dict], *, experiment: str, manifest: dict, evaluator:
     ]
     for row in rows:
         lines.append(f"| {row['method']} | {row['seeds']} | " + " | ".join(cell(row, c) for c in COLUMNS) + " |")
+    floor = rows[0]  # the same real halves for every method: one floor row
+    lines.append("| *real vs real (floor)* | | " + " | ".join(
+        f"{floor[c + '_floor']:.{4 if c.startswith('kid') else 2}f}" if c in WITH_FLOOR else "" for c in COLUMNS)
+        + " |")
+    lines += ["", "The floor row is each distance between two disjoint random halves of the real reference, "
+              "each half as large per class as a generated set: values near it cannot be told apart from "
+              "real data by this extractor."]
     return "\n".join(lines) + "\n"
 
 

@@ -30,7 +30,8 @@ def check_products(project):
     rows = list(csv.DictReader((exp / "report" / "summary.csv").open()))
     assert [row["method"] for row in rows] == ["ddpm", "cm"]
     for row in rows:
-        for col in ("fid", "kid", "fid_many", "fid_medium", "fid_few", "acc_few"):
+        for col in ("fid", "kid", "fid_many", "fid_medium", "fid_few", "acc_few", "precision", "recall",
+                    "fid_floor", "fid_few_floor"):
             assert math.isfinite(float(row[col])), col
         assert row["feature_extractor"] == "local"
     manifest = io.read_json(exp / "data" / "manifest.json")

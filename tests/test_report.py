@@ -8,11 +8,12 @@ import matplotlib.image
 import numpy as np
 
 from cm.data.profiles import head_to_tail
-from cm.report import COLUMNS, grid_canvas, sample_grid, summarise, to_csv, to_markdown
+from cm.report import COLUMNS, WITH_FLOOR, grid_canvas, sample_grid, summarise, to_csv, to_markdown
 
 
 def fake_metrics(value):
-    return {"feature_extractor": "local", **{c: value + i for i, c in enumerate(COLUMNS)}}
+    return {"feature_extractor": "local", **{c: value + i for i, c in enumerate(COLUMNS)},
+            **{f"{c}_floor": 0.5 for c in WITH_FLOOR}}
 
 
 def test_summary_mean_and_std_over_seeds():
@@ -27,7 +28,8 @@ def test_summary_mean_and_std_over_seeds():
                 "imbalance_ratio": 3, "splits": {"many": [0], "medium": [1], "few": [2]}}
     text = to_markdown(rows, experiment="x", manifest=manifest, evaluator={"test_accuracy": 0.9})
     assert "`local` extractor" in text and "| ddpm | 3 | 2.33 ± 1.53 |" in text
-    assert to_csv(rows).splitlines()[0].startswith("method,seeds,feature_extractor,fid,fid_std")
+    assert "| *real vs real (floor)* | | 0.50 | 0.5000 |" in text
+    assert to_csv(rows).splitlines()[0].startswith("method,seeds,feature_extractor,fid,fid_std,fid_floor")
 
 
 def test_grid_has_a_row_per_class_head_first(tmp_path):

@@ -86,13 +86,18 @@ def test_evaluating_the_reference_itself_gives_zero_distances(tmp_path):
     manifest = build_manifest(experiment["data"])
     train_evaluator(experiment=experiment, out=tmp_path / "net.pt", report_out=tmp_path / "net.json",
                     progress=False)
-    reference_features(experiment=experiment, evaluator=tmp_path / "net.pt", out=tmp_path / "ref.npz")
+    reference_features(experiment=experiment, evaluator=tmp_path / "net.pt", out=tmp_path / "ref.npz",
+                       stats_out=tmp_path / "stats.npz")
     full = load_source(experiment["data"])
     io.save_npz(tmp_path / "gen.npz", images=full.images, labels=full.labels)
     metrics = evaluate(samples=tmp_path / "gen.npz", evaluator=tmp_path / "net.pt", reference=tmp_path / "ref.npz",
-                       manifest=manifest, experiment=experiment, out=tmp_path / "metrics.json")
+                       stats=tmp_path / "stats.npz", manifest=manifest, experiment=experiment,
+                       out=tmp_path / "metrics.json")
     assert abs(metrics["fid"]) < 1e-6 and all(abs(f) < 1e-6 for f in metrics["per_class"]["fid"])
     assert abs(metrics["fid_few"]) < 1e-6 and abs(metrics["kid"]) < 1e-3
+    assert metrics["precision"] == metrics["recall"] == 1.0
+    # Two disjoint real halves are further apart than a set and itself, but finite.
+    assert 0 < metrics["fid_floor"] < 1e3 and all(f > 0 for f in metrics["per_class"]["fid_floor"])
     ref = io.load_npz(tmp_path / "ref.npz")
     assert metrics["acc"] == pytest.approx(float(np.mean(ref["predictions"] == ref["labels"])))
     assert io.read_json(tmp_path / "metrics.json")["fid_many"] == metrics["fid_many"]

@@ -24,7 +24,8 @@ rule reference_features:
         code("reference_features"),
         evaluator="results/{experiment}/evaluator/feature_net.pt",
     output:
-        "results/{experiment}/reference/features.npz",
+        features="results/{experiment}/reference/features.npz",
+        stats="results/{experiment}/reference/stats.npz",
     params:
         settings=settings("reference_features"),
     log:
@@ -37,7 +38,8 @@ rule reference_features:
         "../../envs/cm.yaml"
     shell:
         "python -m cm reference-features --experiment {wildcards.experiment}"
-        " --evaluator {input.evaluator} --out {output} --threads {threads} > {log} 2>&1"
+        " --evaluator {input.evaluator} --out {output.features} --stats-out {output.stats}"
+        " --threads {threads} > {log} 2>&1"
 
 
 rule evaluate:
@@ -46,6 +48,7 @@ rule evaluate:
         samples="results/{experiment}/samples/{method}/seed{seed}/samples.npz",
         evaluator="results/{experiment}/evaluator/feature_net.pt",
         reference="results/{experiment}/reference/features.npz",
+        stats="results/{experiment}/reference/stats.npz",
         manifest="results/{experiment}/data/manifest.json",
     output:
         "results/{experiment}/metrics/{method}/seed{seed}.json",
@@ -62,5 +65,5 @@ rule evaluate:
     shell:
         "python -m cm evaluate --experiment {wildcards.experiment} --method {wildcards.method}"
         " --seed {wildcards.seed} --samples {input.samples} --evaluator {input.evaluator}"
-        " --reference {input.reference} --manifest {input.manifest} --out {output}"
+        " --reference {input.reference} --stats {input.stats} --manifest {input.manifest} --out {output}"
         " --threads {threads} > {log} 2>&1"
