@@ -133,7 +133,8 @@ def cmd_evaluate(args) -> None:
 
     params, experiment = _setup(args)
     metrics = evaluate(samples=args.samples, evaluator=args.evaluator, reference=args.reference,
-                       stats=args.stats, manifest=io.read_json(args.manifest), experiment=experiment, out=args.out,
+                       stats=args.stats, features_out=args.features_out,
+                       manifest=io.read_json(args.manifest), experiment=experiment, out=args.out,
                        device=_device(params))
     log.info("%s seed %d: fid %.3f (floor %.3f), kid %.4f, fid_few %.3f (floor %.3f)", args.method, args.seed,
              metrics["fid"], metrics["fid_floor"], metrics["kid"], metrics["fid_few"], metrics["fid_few_floor"])
@@ -235,7 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True)
     p.add_argument("--out", required=True)
     p = stage("evaluate", cmd_evaluate, "FID/KID/accuracy, overall, per class, many/medium/few", run=True)
-    for name in ("samples", "evaluator", "reference", "stats", "manifest", "out"):
+    for name in ("samples", "evaluator", "reference", "stats", "manifest", "out", "features-out"):
         p.add_argument(f"--{name}", required=True)
     p = stage("report", cmd_report, "summary tables and sample grids of one experiment")
     p.add_argument("--metrics-dir", required=True, help="holds <method>/seed<seed>.json per run")

@@ -110,7 +110,7 @@ def _allowed(error: jsonschema.ValidationError) -> str:
     if kind == "minProperties":
         return f"at least {s['minProperties']} entry"
     if kind == "pattern":
-        return f"a name matching {s['pattern']}"
+        return f"a name of letters, digits and _ starting with a letter ({s['pattern']})"
     if kind == "minLength":
         return "a non-empty string"
     return error.message

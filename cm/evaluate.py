@@ -42,16 +42,19 @@ def train_evaluator(*, experiment: dict, out: str | Path, report_out: str | Path
     return report
 
 
-def features(experiment: dict, classifier, images: np.ndarray, device: str) -> tuple[np.ndarray, np.ndarray]:
-    """(features in the configured extractor's space, the local classifier's predicted labels)."""
+def features(experiment: dict, classifier, images: np.ndarray,
+             device: str) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """Features in the configured extractor's space (extracted in batches), the local classifier's
+    predicted labels, and Inception's logits (None for the local extractor)."""
     cfg = experiment["evaluate"]
     local_feats, pred = extract(classifier, images, device=device)
     if cfg["feature_extractor"] == "local":
-        return local_feats, pred
+        return local_feats, pred, None
     from cm.metrics.inception import inception_features, load_inception
 
     extractor = load_inception(cfg["inception_weights"], device=device)  # never falls back silently
-    return inception_features(extractor, images, device=device), pred
+    feats, logits = inception_features(extractor, images, device=device, logits=True)
+    return feats, pred, logits
 
 
 def reference_features(*, experiment: dict, evaluator: str | Path, out: str | Path, stats_out: str | Path,
@@ -61,7 +64,7 @@ def reference_features(*, experiment: dict, evaluator: str | Path, out: str | Pa
     cfg, data = experiment["evaluate"], experiment["data"]
     full = load_source(data)
     classifier, _ = load_feature_net(evaluator)
-    feats, pred = features(experiment, classifier, full.images, device)
+    feats, pred, _ = features(experiment, classifier, full.images, device)
     io.save_npz(out, features=feats, labels=full.labels, predictions=pred,
                 extractor=np.array(cfg["feature_extractor"]), dataset=np.array(dataset_id(data)))
     ReferenceStats.from_features(feats, full.labels, full.num_classes, extractor=cfg["feature_extractor"],
@@ -95,8 +98,11 @@ def noise_floor(ref: np.ndarray, ref_labels: np.ndarray, gen_labels: np.ndarray,
 
 
 def evaluate(*, samples: str | Path, evaluator: str | Path, reference: str | Path, stats: str | Path,
-             manifest: dict, experiment: dict, out: str | Path, device: str = "cpu") -> dict:
-    """Metrics of a generated set against the real reference, with their floors."""
+             manifest: dict, experiment: dict, out: str | Path, features_out: str | Path,
+             device: str = "cpu") -> dict:
+    """Metrics of a generated set against the real reference, with their floors. The generated
+    set's features are saved (`features_out`) so metrics can be recomputed without extracting them
+    again."""
     cfg, data = experiment["evaluate"], experiment["data"]
     gen = io.load_npz(samples, required=("images", "labels"))
     ref = io.load_npz(reference, required=("features", "labels", "extractor", "dataset"))
@@ -106,8 +112,10 @@ def evaluate(*, samples: str | Path, evaluator: str | Path, reference: str | Pat
                                       f"needs {expected!r}; run reference_features again")
     ref_stats = ReferenceStats.load(stats, extractor=cfg["feature_extractor"], dataset=dataset_id(data))
     classifier, _ = load_feature_net(evaluator)
-    feats, pred = features(experiment, classifier, gen["images"], device)
+    feats, pred, logits = features(experiment, classifier, gen["images"], device)
     labels, num_classes, splits = gen["labels"], manifest["num_classes"], manifest["splits"]
+    io.save_npz(features_out, features=feats, labels=labels, predictions=pred,
+                extractor=np.array(cfg["feature_extractor"]), dataset=np.array(dataset_id(data)))
 
     measured = distances_between(feats, labels, ref["features"], ref_stats, splits, cfg)
     floor = noise_floor(ref["features"], ref["labels"], labels, num_classes, splits, cfg)
@@ -125,5 +133,9 @@ def evaluate(*, samples: str | Path, evaluator: str | Path, reference: str | Pat
         **{f"acc_{name}": float(np.mean([accuracy[c] for c in classes])) for name, classes in splits.items()},
         "per_class": per_class,
     }
+    if logits is not None:  # the Inception Score needs Inception's own class posteriors
+        from cm.metrics.inception import inception_score
+
+        metrics["is"], metrics["is_std"] = inception_score(logits, splits=10, from_logits=True)
     io.write_json(out, metrics)
     return metrics

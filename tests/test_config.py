@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import subprocess
+import sys
 
 import pytest
 import yaml
@@ -41,7 +43,8 @@ def test_defaults_are_filled_in(raw):
     assert params["tracking"] == {"enabled": True, "experiment_name": "capacity-manipulation"}
 
 
-@pytest.mark.parametrize("edit, key, value, allowed", [
+# The catalogue of malformed configurations: (edit, key, value, what is allowed) per case.
+MISTAKES = [
     (lambda r: r["experiments"]["digits_lt"]["train"].update(stepz=5),
      "experiments.digits_lt.train.stepz", "did you mean 'steps'", "allowed here: batch_size"),
     (lambda r: r.update(method=["cm"]), "'method'", "did you mean 'methods'", "allowed here"),
@@ -64,7 +67,44 @@ def test_defaults_are_filled_in(raw):
      "experiments.digits_lt.model", "'huge'", "one of ddpm_cifar"),
     (lambda r: r["experiments"]["digits_lt"]["data"].update(source="npz", path="missing.npz"),
      "experiments.digits_lt.data.path", "'missing.npz'", "file not found"),
-])
+    (lambda r: r["experiments"]["digits_lt"]["data"].update(source="npz", path=None),
+     "experiments.digits_lt.data.path", "None", "needs the path of an .npz file"),
+    (lambda r: r.update(methods=[]), "methods", "[]", "at least 1"),
+    (lambda r: r.update(run=[]), "run", "[]", "at least 1"),
+    (lambda r: r.update(seeds=[-1]), "seeds[0]", "-1", ">= 0"),
+    (lambda r: r.update(seeds="0"), "seeds", "'0'", "type array"),
+    (lambda r: r["experiments"]["digits_lt"]["data"].update(hflip="no"),
+     "experiments.digits_lt.data.hflip", "'no'", "type boolean"),
+    (lambda r: r["experiments"]["digits_lt"]["train"].update(label_drop=1.5),
+     "experiments.digits_lt.train.label_drop", "1.5", "<= 1"),
+    (lambda r: r["experiments"]["digits_lt"]["train"].update(ema_decay=1.0),
+     "experiments.digits_lt.train.ema_decay", "1.0", "< 1"),
+    (lambda r: r["experiments"]["digits_lt"]["train"].update(lr=0),
+     "experiments.digits_lt.train.lr", "0", "> 0"),
+    (lambda r: r["experiments"]["digits_lt"]["sample"].update(sampler="euler"),
+     "experiments.digits_lt.sample.sampler", "'euler'", "one of ddim, ddpm"),
+    (lambda r: r["experiments"]["digits_lt"]["sample"].update(guidance=-1),
+     "experiments.digits_lt.sample.guidance", "-1", ">= 0"),
+    (lambda r: r["experiments"]["digits_lt"]["evaluate"].update(feature_extractor="clip"),
+     "experiments.digits_lt.evaluate.feature_extractor", "'clip'", "one of local, inception"),
+    (lambda r: r.update(device="tpu"), "device", "'tpu'", "one of auto, cpu, cuda"),
+    (lambda r: r["tracking"].update(enabled="yes"), "tracking.enabled", "'yes'", "type boolean"),
+    (lambda r: r["experiments"].update({"digits-lt": r["experiments"]["digits_lt"]}),
+     "experiments", "'digits-lt'", "letters, digits and _"),
+    (lambda r: r["method_params"]["cm"].update(**{"lambda": -1}), "method_params.cm.lambda", "-1", ">= 0"),
+    (lambda r: r["method_params"]["cbdm"].update(label_prior="flat"),
+     "method_params.cbdm.label_prior", "'flat'", "one of frequency, uniform"),
+    (lambda r: r["experiments"]["digits_lt"]["diffusion"].update(beta_start=0.05),
+     "experiments.digits_lt.diffusion.beta_start", "0.05", "must be < beta_end"),
+    (lambda r: r["experiments"]["digits_lt"]["data"].update(imbalance_ratio=500),
+     "experiments.digits_lt.data.imbalance_ratio", "500", "without an image: must be <= 174"),
+    (lambda r: r["experiments"]["digits_lt"]["sample"].update(per_class=10**10),
+     "experiments.digits_lt.sample.per_class", "10000000000", "more than half of this machine's memory"),
+    (lambda r: r["experiments"]["digits_lt"].pop("data"), "experiments.digits_lt", "'data'", "required"),
+]
+
+
+@pytest.mark.parametrize("edit, key, value, allowed", MISTAKES)
 def test_mistakes_name_key_value_and_what_is_allowed(raw, edit, key, value, allowed):
     edit(raw)
     message = error_of(raw)
@@ -73,10 +113,26 @@ def test_mistakes_name_key_value_and_what_is_allowed(raw, edit, key, value, allo
     assert "\n" not in message
 
 
-def test_duplicated_keys_are_refused(tmp_path):
-    text = (ROOT / "params.yaml").read_text().replace("seeds: [0]", "seeds: [0]\nseeds: [1]")
+@pytest.mark.parametrize("edit, key, value, allowed", MISTAKES)
+def test_each_mistake_ends_the_cli_in_one_line(tmp_path, raw, edit, key, value, allowed):
+    edit(raw)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    result = subprocess.run([sys.executable, "-m", "cm", "check", "--params", str(tmp_path / "params.yaml")],
+                            cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 2 and result.stdout == ""
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith("error: ") and key in line and value in line and allowed in line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]  # nothing written
+
+
+@pytest.mark.parametrize("old, new, key", [
+    ("seeds: [0]", "seeds: [0]\nseeds: [1]", "seeds"),
+    ("experiments:\n", "experiments:\n  digits_lt: {data: {source: digits}, model: tiny}\n", "digits_lt"),
+])
+def test_duplicated_keys_and_experiment_names_are_refused(tmp_path, old, new, key):
+    text = (ROOT / "params.yaml").read_text().replace(old, new, 1)
     (tmp_path / "params.yaml").write_text(text)
-    with pytest.raises(cfg.ConfigError, match=r"duplicated key 'seeds'"):
+    with pytest.raises(cfg.ConfigError, match=rf"duplicated key '{key}' \(line \d+\)"):
         cfg.load_params(tmp_path / "params.yaml")
 
 

@@ -92,7 +92,7 @@ def test_evaluating_the_reference_itself_gives_zero_distances(tmp_path):
     io.save_npz(tmp_path / "gen.npz", images=full.images, labels=full.labels)
     metrics = evaluate(samples=tmp_path / "gen.npz", evaluator=tmp_path / "net.pt", reference=tmp_path / "ref.npz",
                        stats=tmp_path / "stats.npz", manifest=manifest, experiment=experiment,
-                       out=tmp_path / "metrics.json")
+                       out=tmp_path / "metrics.json", features_out=tmp_path / "features.npz")
     assert abs(metrics["fid"]) < 1e-6 and all(abs(f) < 1e-6 for f in metrics["per_class"]["fid"])
     assert abs(metrics["fid_few"]) < 1e-6 and abs(metrics["kid"]) < 1e-3
     assert metrics["precision"] == metrics["recall"] == 1.0
@@ -101,3 +101,6 @@ def test_evaluating_the_reference_itself_gives_zero_distances(tmp_path):
     ref = io.load_npz(tmp_path / "ref.npz")
     assert metrics["acc"] == pytest.approx(float(np.mean(ref["predictions"] == ref["labels"])))
     assert io.read_json(tmp_path / "metrics.json")["fid_many"] == metrics["fid_many"]
+    saved = io.load_npz(tmp_path / "features.npz")
+    assert np.allclose(saved["features"], ref["features"], rtol=1e-5, atol=1e-6)
+    assert str(saved["extractor"]) == "local" and np.array_equal(saved["labels"], full.labels)

@@ -51,7 +51,8 @@ rule evaluate:
         stats="results/{experiment}/reference/stats.npz",
         manifest="results/{experiment}/data/manifest.json",
     output:
-        "results/{experiment}/metrics/{method}/seed{seed}.json",
+        metrics="results/{experiment}/metrics/{method}/seed{seed}.json",
+        features="results/{experiment}/features/{method}/seed{seed}.npz",
     params:
         settings=settings("evaluate"),
     log:
@@ -65,5 +66,6 @@ rule evaluate:
     shell:
         "python -m cm evaluate --experiment {wildcards.experiment} --method {wildcards.method}"
         " --seed {wildcards.seed} --samples {input.samples} --evaluator {input.evaluator}"
-        " --reference {input.reference} --stats {input.stats} --manifest {input.manifest} --out {output}"
+        " --reference {input.reference} --stats {input.stats} --manifest {input.manifest}"
+        " --out {output.metrics} --features-out {output.features}"
         " --threads {threads} > {log} 2>&1"
