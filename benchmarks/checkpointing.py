@@ -54,9 +54,10 @@ def main():
         start = time.perf_counter()
         io.save_torch(Path(tmp) / "probe.pt", io.load_torch(ckpt))
         save_seconds = time.perf_counter() - start
+        size_mib = ckpt.stat().st_size / 2**20
     base = statistics.median(times[never])
     print(f"preset {args.preset}, method cm, {args.steps} steps, 1 thread; checkpoint file "
-          f"{ckpt.stat().st_size / 2**20:.1f} MiB, written in {save_seconds * 1000:.0f} ms")
+          f"{size_mib:.1f} MiB, written in {save_seconds * 1000:.0f} ms")
     print(f"{'interval':>10} {'ms/step':>9} {'overhead':>9} {'steps lost on a kill (mean / max)':>36}")
     for interval in intervals:
         median = statistics.median(times[interval])
