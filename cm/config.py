@@ -164,7 +164,7 @@ def _check_data_fits(name: str, experiment: dict, base_dir: Path) -> None:
     import numpy as np
     import psutil
 
-    from cm.data.profiles import PROFILES
+    from cm.data.profiles import profile_counts
     from cm.data.sources import source_summary
     from cm.errors import DataError
 
@@ -175,13 +175,10 @@ def _check_data_fits(name: str, experiment: dict, base_dir: Path) -> None:
         available, shape = source_summary(data)
     except DataError as err:
         raise ConfigError(f"experiments.{name}.data: {err}") from None
-    counts = PROFILES[data["profile"]](int(available.min()), len(available), data["imbalance_ratio"])
-    if min(counts) < 1:
-        largest = max(1, int(available.min()))
-        raise ConfigError(
-            f"experiments.{name}.data.imbalance_ratio = {data['imbalance_ratio']!r} leaves class(es) "
-            f"{[c for c, n in enumerate(counts) if n < 1]} without an image: must be <= {largest} "
-            f"(the head class has {counts[0]} images)")
+    try:
+        profile_counts(data, available)
+    except ValueError as err:
+        raise ConfigError(f"experiments.{name}.{err}") from None
     per_class = experiment["sample"]["per_class"]
     image_bytes = int(np.prod(shape))
     # The sample stage holds the batches and their concatenation: about twice the set in memory.

@@ -13,9 +13,9 @@ from tests.conftest import SHARED_CIFAR
 CIFAR10_LT_100 = [5000, 2997, 1796, 1077, 645, 387, 232, 139, 83, 50]
 
 
-def digits(ratio=10, seed=0):
-    return {"source": "digits", "path": None, "profile": "exponential", "imbalance_ratio": ratio,
-            "seed": seed, "hflip": False}
+def digits(ratio=10, seed=0, **more):
+    return {"source": "digits", "path": None, "download": False, "profile": "exponential", "imbalance_ratio": ratio,
+            "seed": seed, "hflip": False, "step_fraction": 0.5, "class_counts": None, **more}
 
 
 @pytest.mark.parametrize("n_max, classes, ratio, counts, total", [
@@ -62,9 +62,8 @@ def test_many_medium_few_are_thirds_by_count():
 
 
 def test_ratio_that_empties_a_class_is_an_error():
-    labels = np.repeat(np.arange(4), 20)
-    with pytest.raises(ValueError, match=r"imbalance_ratio = 50 leaves class\(es\) \[3\]"):
-        profile_counts("exponential", labels, 4, 50)
+    with pytest.raises(ValueError, match=r"imbalance_ratio = 50 leaves class\(es\) \[3\] without an image"):
+        profile_counts(digits(ratio=50), np.full(4, 20))
     with pytest.raises(DataError, match="without an image"):
         build_manifest(digits(ratio=1000))
 
@@ -106,3 +105,36 @@ def test_cifar10_lt_from_npz_has_published_counts():
     assert manifest["class_counts"] == CIFAR10_LT_100
     assert manifest["num_images"] == 12406
     assert manifest["class_names"][0] == "airplane"
+
+
+@pytest.mark.parametrize("settings, available, expected", [
+    ({"profile": "step", "imbalance_ratio": 10, "step_fraction": 0.5}, [100] * 4, [100, 100, 10, 10]),
+    ({"profile": "step", "imbalance_ratio": 100, "step_fraction": 0.3}, [5000] * 10, [5000] * 7 + [50] * 3),
+    ({"profile": "two_class", "imbalance_ratio": 100}, [30000, 40000], [30000, 300]),
+    ({"profile": "explicit", "class_counts": [7, 1, 3]}, [10, 10, 10], [7, 1, 3]),
+])
+def test_other_profiles(settings, available, expected):
+    assert profile_counts(digits(**settings), np.array(available)) == expected
+
+
+@pytest.mark.parametrize("settings, available, message", [
+    ({"profile": "two_class"}, [10, 10, 10], "needs a source with 2 classes, this one has 3"),
+    ({"profile": "explicit", "class_counts": [1, 2]}, [10, 10, 10], "has 2 entries, the source has 3 classes"),
+    ({"profile": "explicit", "class_counts": [1, 20, 3]}, [10, 10, 10], "asks class 1 for 20 images"),
+])
+def test_profile_mistakes(settings, available, message):
+    with pytest.raises(ValueError, match=message):
+        profile_counts(digits(**settings), np.array(available))
+
+
+def test_step_profile_manifest_on_digits():
+    manifest = build_manifest(digits(ratio=10, profile="step"))
+    assert manifest["class_counts"] == [174] * 5 + [17] * 5
+
+
+@pytest.mark.parametrize("source, folder", [("cifar10", "cifar-10-batches-py"), ("cifar100", "cifar-100-python")])
+def test_missing_torchvision_copy_says_how_to_provide_one(tmp_path, source, folder):
+    with pytest.raises(DataError, match=rf"data.path = '{tmp_path}': no readable {source} copy") as info:
+        build_manifest(digits(source=source, path=str(tmp_path)))
+    assert f"'{folder}/'" in str(info.value) and "data.download: true" in str(info.value)
+    assert list(tmp_path.iterdir()) == []  # nothing written

@@ -29,7 +29,7 @@ def build_manifest(data: dict) -> dict:
     """
     full = load_source(data)
     try:
-        counts = profile_counts(data["profile"], full.labels, full.num_classes, data["imbalance_ratio"])
+        counts = profile_counts(data, np.bincount(full.labels, minlength=full.num_classes))
     except ValueError as err:
         raise DataError(str(err)) from None
     indices = select_long_tailed(full.labels, counts, data["seed"])

@@ -12,19 +12,49 @@ def exponential_counts(n_max: int, num_classes: int, ratio: float) -> list[int]:
     return [int(n_max * ratio ** (-c / (num_classes - 1))) for c in range(num_classes)]
 
 
-PROFILES = {"exponential": exponential_counts}
+def step_counts(n_max: int, num_classes: int, ratio: float, fraction: float) -> list[int]:
+    """Step imbalance (Buda et al. 2018; Cao et al. 2019): the last `fraction` of the classes keep
+    int(n_max / ratio) images, the others n_max."""
+    minority = int(round(fraction * num_classes))
+    return [n_max if c < num_classes - minority else int(n_max / ratio) for c in range(num_classes)]
 
 
-def profile_counts(profile: str, labels: np.ndarray, num_classes: int, ratio: float) -> list[int]:
-    """Per-class target counts; n_max is the smallest class of the source so every class can supply it."""
-    available = np.bincount(labels, minlength=num_classes)
-    counts = PROFILES[profile](int(available.min()), num_classes, ratio)
+def two_class_counts(n_max: int, num_classes: int, ratio: float) -> list[int]:
+    """Two classes, majority first: [n_max, int(n_max / ratio)] (imbalanced CelebA-HQ)."""
+    if num_classes != 2:
+        raise ValueError(f"data.profile = 'two_class' needs a source with 2 classes, this one has {num_classes}")
+    return exponential_counts(n_max, 2, ratio)
+
+
+PROFILES = ("exponential", "step", "explicit", "two_class")
+
+
+def profile_counts(data: dict, available: np.ndarray) -> list[int]:
+    """Per-class target counts of an experiment's `data` settings, given the images per class the
+    source has; n_max is its smallest class, so every class can supply it."""
+    num_classes, n_max, ratio = len(available), int(available.min()), data["imbalance_ratio"]
+    profile = data["profile"]
+    if profile == "exponential":
+        counts = exponential_counts(n_max, num_classes, ratio)
+    elif profile == "step":
+        counts = step_counts(n_max, num_classes, ratio, data["step_fraction"])
+    elif profile == "two_class":
+        counts = two_class_counts(n_max, num_classes, ratio)
+    elif profile == "explicit":
+        counts = list(data["class_counts"] or [])
+        if len(counts) != num_classes:
+            raise ValueError(f"data.class_counts has {len(counts)} entries, the source has {num_classes} classes")
+        short = [c for c in range(num_classes) if counts[c] > available[c]]
+        if short:
+            raise ValueError(f"data.class_counts asks class {short[0]} for {counts[short[0]]} images, the source "
+                             f"has {int(available[short[0]])}")
+    else:
+        raise ValueError(f"data.profile = {profile!r} is not allowed: one of {', '.join(PROFILES)}")
     empty = [c for c, n in enumerate(counts) if n < 1]
     if empty:
         raise ValueError(
-            f"data.imbalance_ratio = {ratio!r} leaves class(es) {empty} without an image "
-            f"(largest class {counts[0]}); use a ratio of at most {counts[0]}"
-        )
+            f"data.imbalance_ratio = {ratio!r} leaves class(es) {empty} without an image: must be <= {n_max} "
+            f"(the head class has {counts[0]} images)")
     return counts
 
 

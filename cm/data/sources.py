@@ -57,7 +57,25 @@ def _npz(data: dict) -> LabeledImages:
     return LabeledImages(images, labels, names or [str(c) for c in range(num_classes)])
 
 
-SOURCES = {"digits": _digits, "npz": _npz}
+def _cifar(data: dict) -> LabeledImages:
+    """CIFAR-10/100 training set through torchvision: a local copy under data.path, or a download."""
+    from torchvision import datasets
+
+    dataset = {"cifar10": datasets.CIFAR10, "cifar100": datasets.CIFAR100}[data["source"]]
+    root = data["path"] or "data/torchvision"
+    try:
+        ds = dataset(root, train=True, download=data["download"])
+    except (RuntimeError, OSError) as err:  # torchvision's "not found or corrupted", or no network
+        folder = "cifar-10-batches-py" if data["source"] == "cifar10" else "cifar-100-python"
+        raise DataError(
+            f"data.path = {root!r}: no readable {data['source']} copy ({err}). Put the python version "
+            f"('{folder}/') under data.path, or set data.download: true on a machine with network access"
+        ) from None
+    return LabeledImages(np.asarray(ds.data, dtype=np.uint8), np.asarray(ds.targets, dtype=np.int64),
+                         list(ds.classes))
+
+
+SOURCES = {"digits": _digits, "npz": _npz, "cifar10": _cifar, "cifar100": _cifar}
 
 
 def load_source(data: dict) -> LabeledImages:
