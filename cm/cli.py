@@ -162,7 +162,7 @@ def cmd_report(args) -> None:
     print((out_dir / "summary.md").read_text())
     log_stage(params["tracking"], stage="report", experiment=args.experiment,
               metrics={f"{row['method']}.{k}": v for row in rows for k, v in row.items()},
-              artifacts=[out_dir / "summary.csv", out_dir / "summary.md",
+              artifacts=[out_dir / "summary.csv", out_dir / "per_class.csv", out_dir / "summary.md",
                          *sorted((out_dir / "grids").glob("*.png"))])
 
 

@@ -143,13 +143,13 @@ def _semantic_checks(params: dict, base_dir: Path) -> None:
     for name in params["run"]:
         data = params["experiments"][name]["data"]
         key = f"experiments.{name}.data.path"
-        if data["source"] == "npz":
+        if data["source"] in ("npz", "imagefolder"):
             if not data["path"]:
-                raise ConfigError(f"{key} = None is not allowed: source npz needs the path of an .npz file")
+                raise ConfigError(f"{key} = None is not allowed: source {data['source']} needs a path")
             path = Path(data["path"])
             path = path if path.is_absolute() else base_dir / path
-            if not path.is_file():
-                raise ConfigError(f"{key} = {data['path']!r}: file not found")
+            if not path.exists():
+                raise ConfigError(f"{key} = {data['path']!r}: not found")
         _check_data_fits(name, params["experiments"][name], base_dir)
         diffusion = params["experiments"][name]["diffusion"]
         if diffusion["beta_start"] >= diffusion["beta_end"]:

@@ -37,6 +37,23 @@ def summarise(runs: list[dict]) -> list[dict]:
     return rows
 
 
+def per_class_rows(runs: list[dict], manifest: dict) -> list[dict]:
+    """One row per class, head to tail: its training count, the real floor of its FID, and per
+    method the mean and std over seeds of its FID and accuracy."""
+    rows = []
+    methods = list(dict.fromkeys(run["method"] for run in runs))
+    for c in head_to_tail(manifest["class_counts"]):
+        row = {"class": c, "name": manifest["class_names"][c], "train_count": manifest["class_counts"][c],
+               "fid_floor": float(np.mean([run["metrics"]["per_class"]["fid_floor"][c] for run in runs]))}
+        for method in methods:
+            for key in ("fid", "acc"):
+                values = np.array([run["metrics"]["per_class"][key][c] for run in runs if run["method"] == method])
+                row[f"{method}.{key}"] = float(values.mean())
+                row[f"{method}.{key}_std"] = float(values.std(ddof=1)) if len(values) > 1 else 0.0
+        rows.append(row)
+    return rows
+
+
 def to_csv(rows: list[dict]) -> str:
     buffer = _io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=list(rows[0]), lineterminator="\n")
@@ -120,10 +137,11 @@ def sample_grid(images: np.ndarray, labels: np.ndarray, manifest: dict, path: Pa
 
 def write_report(*, experiment: str, runs: list[dict], samples: dict[str, str], manifest: dict,
                  evaluator: dict, out_dir: str | Path) -> list[dict]:
-    """summary.csv, summary.md and grids/<method>.png under `out_dir`."""
+    """summary.csv, per_class.csv, summary.md and grids/<method>.png under `out_dir`."""
     out_dir = Path(out_dir)
     rows = summarise(runs)
     io.write_text(out_dir / "summary.csv", to_csv(rows))
+    io.write_text(out_dir / "per_class.csv", to_csv(per_class_rows(runs, manifest)))
     io.write_text(out_dir / "summary.md", to_markdown(rows, experiment=experiment, manifest=manifest,
                                                        evaluator=evaluator))
     for method, path in samples.items():

@@ -138,3 +138,30 @@ def test_missing_torchvision_copy_says_how_to_provide_one(tmp_path, source, fold
         build_manifest(digits(source=source, path=str(tmp_path)))
     assert f"'{folder}/'" in str(info.value) and "data.download: true" in str(info.value)
     assert list(tmp_path.iterdir()) == []  # nothing written
+
+
+def write_folder(root, sizes):
+    from PIL import Image
+
+    for name, shapes in sizes.items():
+        (root / name).mkdir(parents=True)
+        for i, (w, h) in enumerate(shapes):
+            Image.new("RGB", (w, h), color=(10 * i, 20, 30)).save(root / name / f"{i}.png")
+
+
+def test_imagefolder_classes_are_sorted_folders(tmp_path):
+    write_folder(tmp_path, {"male": [(6, 4)] * 2, "female": [(6, 4)] * 5})
+    manifest = build_manifest(digits(source="imagefolder", path=str(tmp_path), profile="two_class", ratio=2))
+    assert manifest["class_names"] == ["female", "male"]
+    assert manifest["class_counts"] == [2, 1] and manifest["image_shape"] == [4, 6, 3]
+
+
+@pytest.mark.parametrize("sizes, message", [
+    ({"a": [(4, 4), (5, 4)], "b": [(4, 4)]}, r"1.png: 5x4 pixels, the first image was 4x4"),
+    ({"a": [(4, 4)], "b": []}, r"b: no images"),
+    ({"a": [(4, 4)]}, r"found 1 class folder"),
+])
+def test_imagefolder_mistakes_name_the_file(tmp_path, sizes, message):
+    write_folder(tmp_path, sizes)
+    with pytest.raises(DataError, match=message):
+        build_manifest(digits(source="imagefolder", path=str(tmp_path), ratio=1))

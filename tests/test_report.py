@@ -6,14 +6,17 @@ import statistics
 
 import matplotlib.image
 import numpy as np
+import pytest
 
 from cm.data.profiles import head_to_tail
-from cm.report import COLUMNS, WITH_FLOOR, grid_canvas, sample_grid, summarise, to_csv, to_markdown
+from cm.report import COLUMNS, WITH_FLOOR, grid_canvas, per_class_rows, sample_grid, summarise, to_csv, to_markdown
 
 
 def fake_metrics(value):
     return {"feature_extractor": "local", **{c: value + i for i, c in enumerate(COLUMNS)},
-            **{f"{c}_floor": 0.5 for c in WITH_FLOOR}}
+            **{f"{c}_floor": 0.5 for c in WITH_FLOOR},
+            "per_class": {"fid": [value, 2 * value, 3 * value], "acc": [0.5, 0.25, value / 10],
+                          "fid_floor": [0.1, 0.2, 0.3]}}
 
 
 def test_summary_mean_and_std_over_seeds():
@@ -44,3 +47,15 @@ def test_grid_has_a_row_per_class_head_first(tmp_path):
     path = tmp_path / "grid.png"
     sample_grid(images, labels, manifest, path, per_row=3)
     assert matplotlib.image.imread(path).shape[2] in (3, 4)
+
+
+def test_per_class_table_head_to_tail_with_spread_over_seeds():
+    runs = [{"method": "cm", "seed": s, "metrics": fake_metrics(v)} for s, v in enumerate([1.0, 3.0])]
+    runs.append({"method": "ddpm", "seed": 0, "metrics": fake_metrics(2.0)})
+    manifest = {"class_counts": [5, 9, 1], "class_names": ["a", "b", "c"]}
+    rows = per_class_rows(runs, manifest)
+    assert [r["name"] for r in rows] == ["b", "a", "c"]
+    b = rows[0]  # class 1: cm FIDs 2 and 6, ddpm 4
+    assert b["train_count"] == 9 and b["fid_floor"] == pytest.approx(0.2)
+    assert b["cm.fid"] == 4.0 and b["cm.fid_std"] == pytest.approx(statistics.stdev([2.0, 6.0]))
+    assert b["ddpm.fid"] == 4.0 and b["ddpm.fid_std"] == 0.0 and b["cm.acc"] == 0.25

@@ -75,7 +75,39 @@ def _cifar(data: dict) -> LabeledImages:
                          list(ds.classes))
 
 
-SOURCES = {"digits": _digits, "npz": _npz, "cifar10": _cifar, "cifar100": _cifar}
+def _imagefolder(data: dict) -> LabeledImages:
+    """One sub-folder per class, images of one size (e.g. imbalanced CelebA-HQ, users' own data).
+    Classes are the sorted folder names, as torchvision's ImageFolder orders them."""
+    from PIL import Image
+    from torchvision.datasets.folder import IMG_EXTENSIONS
+
+    root = Path(data["path"] or "")
+    if not root.is_dir():
+        raise DataError(f"data.path = {str(root)!r}: not a folder (imagefolder needs one sub-folder per class)")
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir())
+    if len(classes) < 2:
+        raise DataError(f"{root}: found {len(classes)} class folder(s); imagefolder needs at least 2")
+    images, labels, size = [], [], None
+    for label, name in enumerate(classes):
+        files = sorted(p for p in (root / name).iterdir() if p.suffix.lower() in IMG_EXTENSIONS)
+        if not files:
+            raise DataError(f"{root / name}: no images ({', '.join(IMG_EXTENSIONS)})")
+        for path in files:
+            try:
+                with Image.open(path) as img:
+                    array = np.asarray(img.convert("RGB"), dtype=np.uint8)
+            except OSError as err:
+                raise DataError(f"{path}: not a readable image ({err})") from None
+            size = size or array.shape
+            if array.shape != size:
+                raise DataError(f"{path}: {array.shape[1]}x{array.shape[0]} pixels, the first image was "
+                                f"{size[1]}x{size[0]}; all images must have one size (resize them first)")
+            images.append(array)
+            labels.append(label)
+    return LabeledImages(np.stack(images), np.asarray(labels, dtype=np.int64), classes)
+
+
+SOURCES = {"digits": _digits, "npz": _npz, "cifar10": _cifar, "cifar100": _cifar, "imagefolder": _imagefolder}
 
 
 def load_source(data: dict) -> LabeledImages:

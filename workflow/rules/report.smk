@@ -8,6 +8,7 @@ rule report:
     output:
         csv=report("results/{experiment}/report/summary.csv", category="Summary"),
         md="results/{experiment}/report/summary.md",
+        per_class=report("results/{experiment}/report/per_class.csv", category="Per class"),
         grids=report(
             directory("results/{experiment}/report/grids"),
             patterns=["{method}.png"],
