@@ -21,7 +21,6 @@ from cm.errors import USER_ERRORS, ConfigError, DataError
 log = logging.getLogger("cm")
 
 
-
 def _setup(args, *, uses_torch: bool = True) -> tuple[dict, dict]:
     """Validate params.yaml, resolve the experiment (and method), pin torch's thread count."""
     params = cfg.load_params(args.params)
@@ -36,6 +35,7 @@ def _setup(args, *, uses_torch: bool = True) -> tuple[dict, dict]:
 
 
 def _progress() -> bool:
+    """Progress bars unless CM_PROGRESS=0 (the tests set it)."""
     return os.environ.get("CM_PROGRESS", "1") != "0"
 
 
@@ -174,6 +174,8 @@ def cmd_register_dvc(args) -> None:
     if missing:
         log.warning("%s not in params.yaml's run list, so dvc.yaml has no stages for them; their "
                     "outputs are not registered with DVC", ", ".join(missing))
+    from cm.pipeline import dvc_stage_names
+
     stages = [stage for name in args.experiments if name in params["run"]
               for stage in dvc_stage_names(params, name)]
     if stages:
@@ -181,14 +183,6 @@ def cmd_register_dvc(args) -> None:
                        env={**os.environ, "DVC_NO_ANALYTICS": "1"})
         log.info("registered %d DVC stages", len(stages))
     io.write_text(args.out, "".join(f"{stage}\n" for stage in stages))
-
-
-def dvc_stage_names(params: dict, experiment: str) -> list[str]:
-    """The dvc.yaml stage names of one experiment (foreach/matrix naming)."""
-    per_run = [f"{stage}@{experiment}-{m}-{s}" for stage in ("train", "merge", "sample", "evaluate")
-               for m in params["methods"] for s in params["seeds"]]
-    shared = [f"{stage}@{experiment}" for stage in ("prepare_data", "train_evaluator", "reference_features")]
-    return shared + per_run + [f"report@{experiment}"]
 
 
 def _device(params: dict) -> str:

@@ -57,3 +57,11 @@ def param_keys(stage: str, **wildcards) -> list[str]:
 def stage_params(params: dict, stage: str, **wildcards) -> dict:
     """The values of a stage's parameters for one job: Snakemake's rerun trigger."""
     return {key: lookup(params, key) for key in param_keys(stage, **wildcards)}
+
+
+def dvc_stage_names(params: dict, experiment: str) -> list[str]:
+    """The dvc.yaml stage names of one experiment (foreach/matrix naming)."""
+    per_run = [f"{stage}@{experiment}-{m}-{s}" for stage in ("train", "merge", "sample", "evaluate")
+               for m in params["methods"] for s in params["seeds"]]
+    shared = [f"{stage}@{experiment}" for stage in ("prepare_data", "train_evaluator", "reference_features")]
+    return shared + per_run + [f"report@{experiment}"]

@@ -7,7 +7,7 @@ import re
 import pytest
 import yaml
 
-from cm.pipeline import CODE, param_keys
+from cm.pipeline import CODE, dvc_stage_names, param_keys
 from tests.conftest import run
 
 ONLY_SNAKEMAKE = {"all", "register_dvc"}  # the target rule, and the rule that records outputs in DVC
@@ -70,8 +70,10 @@ def test_snakemake_and_dvc_run_the_same_commands_on_the_same_paths(project, seed
             assert "method_params" in stage["params"]
             expected = [k for k in expected if not k.startswith("method_params.")] + ["method_params"]
         assert stage["params"] == sorted(expected), stage["name"]
-    # Per experiment: 4 shared stages, and train/merge/sample/evaluate per method and seed.
+    # Per experiment: 4 shared stages, and train/merge/sample/evaluate per method and seed; the
+    # names register_dvc commits are exactly DVC's.
     assert len(stages) == 4 + 4 * len(params["methods"]) * len(seeds)
+    assert sorted(dvc_stage_names(params, "digits_lt")) == sorted(s["name"] for s in stages.values())
 
 
 def test_snakemake_lint_is_clean(project):
