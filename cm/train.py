@@ -92,9 +92,12 @@ def _checkpoints(folder: Path) -> list[Path]:
     return sorted(folder.glob("step_*.pt"), reverse=True)
 
 
-def _load_latest(folder: Path) -> dict | None:
-    """The newest readable checkpoint; a corrupt one is reported and the previous one tried."""
+def _load_latest(folder: Path, max_step: int) -> dict | None:
+    """The newest readable checkpoint at or before `max_step` (a run shortened after a longer one
+    must not start past its end); a corrupt one is reported and the previous one tried."""
     for path in _checkpoints(folder):
+        if int(path.stem.removeprefix("step_")) > max_step:
+            continue
         try:
             state = io.load_torch(path)
             if state.get("format") == CHECKPOINT_FORMAT:
@@ -150,7 +153,7 @@ def train(*, manifest: dict, experiment: dict, method_name: str, method_params: 
     sampler = EpochSampler(len(y_all), cfg["batch_size"], seed)
     start, history, nonfinite = 0, [], 0
 
-    state = _load_latest(folder)
+    state = _load_latest(folder, cfg["steps"])
     if state is not None:
         net.load_state_dict(state["model"])
         ema.load_state_dict(state["ema"])

@@ -104,3 +104,11 @@ def test_rerun_with_unchanged_settings_rewrites_the_same_bytes(tmp_path, setup):
     summary, _ = run(tmp_path, setup, "ddpm")
     assert summary["resumed_from"] == summary["steps"]
     assert (tmp_path / "model.pt").read_bytes() == first
+
+
+def test_a_shortened_run_resumes_from_a_checkpoint_within_its_steps(tmp_path, setup):
+    run(tmp_path / "long", setup, "ddpm")                     # checkpoints at 4, 8, 12
+    summary, short = run(tmp_path / "long", setup, "ddpm", steps=8)
+    _, direct = run(tmp_path / "direct", setup, "ddpm", steps=8)
+    assert summary["resumed_from"] == 8 and short["step"] == 8
+    assert_same_weights(short, direct)
