@@ -39,7 +39,7 @@ def precision_recall(
     real_feats: np.ndarray,
     gen_feats: np.ndarray,
     k: int = 5,
-    batch_size: int = 2048,
+    batch_size: int = 256,  # rows per block: 256 x 50,000 float64 distances = 100 MB per temporary
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float64,
 ) -> dict[str, float]:
