@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from cm.diffusion import GaussianDiffusion
-from cm.methods.base import LossOutput, Method
+from cm.methods.base import LossOutput, Method, noised_batch
 
 
 class DDPM(Method):
@@ -19,11 +19,8 @@ class DDPM(Method):
         self.label_drop = label_drop
 
     def __call__(self, net, x0: torch.Tensor, y: torch.Tensor) -> LossOutput:
-        t = self.diffusion.sample_timesteps(len(x0), x0.device)
-        eps = torch.randn_like(x0)
-        x_t = self.diffusion.q_sample(x0, t, eps)
         # Classifier-free guidance training: the *whole batch* goes unconditional with prob p.
-        cond = None if torch.rand(()).item() < self.label_drop else y
+        t, eps, x_t, cond = noised_batch(self.diffusion, x0, y, self.label_drop)
         pred = net(x_t, t, cond)
         loss = F.mse_loss(pred, eps)
         return LossOutput(loss, x_t, t, cond, pred, {"loss_base": loss.item()})
