@@ -16,15 +16,6 @@ from cm.metrics.feature_net import (
 )
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small CPU nets run several times faster on one thread than on 2 contended ones."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def digits():
     d = load_digits()

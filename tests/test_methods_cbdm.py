@@ -11,6 +11,7 @@ from cm.diffusion import GaussianDiffusion
 from cm.methods import build_method
 from cm.methods.cbdm import label_distribution
 from cm.models import build_unet
+from tests.test_methods import batch
 
 COUNTS = [8, 4, 2, 1]
 T = 100
@@ -24,11 +25,6 @@ def make(params=None, label_drop=0.0, counts=COUNTS, name="cbdm"):
     net = build_unet("tiny", num_classes=len(counts), in_channels=1, image_size=8)
     method.prepare(net)
     return method, net, diffusion
-
-
-def batch(n=6, classes=4):
-    gen = torch.Generator().manual_seed(1)
-    return torch.randn(n, 1, 8, 8, generator=gen), torch.arange(n) % classes
 
 
 def replay_draws(d, x0, prior):
