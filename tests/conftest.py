@@ -29,6 +29,18 @@ def _one_thread():
     torch.set_num_threads(threads)
 
 
+def singular_relu_features():
+    """Two feature sets with dead ReLU units and fewer rows than dims, as for a rare class:
+    singular covariances on both sides."""
+    import numpy as np
+
+    rng = np.random.default_rng(1)
+    a, b = np.zeros((30, 64)), np.zeros((40, 64))
+    a[:, :48] = np.maximum(rng.normal(size=(30, 48)), 0)
+    b[:, :48] = np.maximum(rng.normal(size=(40, 48)) + 0.3, 0)
+    return a, b
+
+
 def tiny_budgets(params: dict, experiment: str = "digits_lt") -> dict:
     """Shrink an experiment to seconds: the pipeline's wiring is what end-to-end tests check."""
     exp = params["experiments"][experiment]

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from cm.metrics.distances import fid, group_fid, kid, per_class_accuracy, per_class_fid
+from tests.conftest import singular_relu_features
 
 
 def _sqrtm_psd(s):
@@ -50,11 +51,7 @@ def test_fid_matches_closed_form(gaussians):
 
 
 def test_fid_singular_covariances_match_closed_form():
-    # Dead feature dims and fewer rows than dims, as with ReLU features of a rare class.
-    rng = np.random.default_rng(1)
-    a, b = np.zeros((30, 64)), np.zeros((40, 64))
-    a[:, :48] = np.maximum(rng.normal(size=(30, 48)), 0)
-    b[:, :48] = np.maximum(rng.normal(size=(40, 48)) + 0.3, 0)
+    a, b = singular_relu_features()
     assert fid(a, b) == pytest.approx(_fid_closed_form(a, b), rel=1e-6)
 
 

@@ -10,6 +10,7 @@ from scipy import linalg
 from cm import io
 from cm.metrics import distances
 from cm.metrics.frechet import GaussianStats, ReferenceStats, fast_fid
+from tests.conftest import singular_relu_features
 
 
 def _fid_sqrtm(a, b):
@@ -66,11 +67,7 @@ def test_both_trace_routes_agree(n_ref):
 
 
 def test_singular_covariances():
-    # Dead ReLU units and fewer rows than dims on both sides, as for a rare class.
-    rng = np.random.default_rng(1)
-    a, b = np.zeros((30, 64)), np.zeros((40, 64))
-    a[:, :48] = np.maximum(rng.normal(size=(30, 48)), 0)
-    b[:, :48] = np.maximum(rng.normal(size=(40, 48)) + 0.3, 0)
+    a, b = singular_relu_features()
     assert fast_fid(a, b) == pytest.approx(_fid_sqrtm(a, b), rel=1e-6)
     assert fast_fid(a, b) == pytest.approx(distances.fid(a, b), rel=1e-6)
     assert abs(fast_fid(a, a)) < 1e-8 * np.trace(np.cov(a, rowvar=False))
