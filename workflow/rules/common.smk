@@ -14,6 +14,10 @@ from cm.pipeline import CODE, stage_params
 from cm.runlock import FolderBusyError, claim
 from cm.tracking import PIPELINE_ENV
 
+# `--config 'seeds=[0,1,2]'` arrives as strings: Snakemake parses lists with YAML's BaseLoader.
+if isinstance(config.get("seeds"), list):
+    config["seeds"] = [int(s) if isinstance(s, str) and s.isdigit() else s for s in config["seeds"]]
+
 # One clear message for a configuration mistake, before any job is scheduled.
 try:
     config.update(check_params(config))
