@@ -26,7 +26,7 @@ def _setup(args, *, uses_torch: bool = True) -> tuple[dict, dict]:
     params = cfg.load_params(args.params)
     experiment = cfg.experiment(params, args.experiment)
     if getattr(args, "method", None) is not None:
-        cfg.check_method(args.method)
+        cfg.check_method(args.method, trained=args.stage == "train")
     if uses_torch:
         import torch
 
@@ -106,10 +106,11 @@ def cmd_train(args) -> None:
 
 def cmd_merge(args) -> None:
     from cm.merge import merge
+    from cm.method_names import MERGE_ONLY
     from cm.tracking import log_stage
 
     params, _ = _setup(args)
-    report = merge(args.model, args.out)
+    report = merge(args.model, args.out, drop_branches=args.method in MERGE_ONLY)
     log.info("merged %s -> %s: %s", args.model, args.out, report)
     log_stage(params["tracking"], stage="merge", experiment=args.experiment, method=args.method,
               seed=args.seed, metrics=report)
@@ -147,14 +148,16 @@ def cmd_evaluate(args) -> None:
 
 
 def cmd_report(args) -> None:
+    from cm.method_names import evaluated_methods
     from cm.report import write_report
     from cm.tracking import log_stage
 
     params, _ = _setup(args)
+    methods = evaluated_methods(params)
     runs = [{"method": m, "seed": s, "metrics": io.read_json(Path(args.metrics_dir) / m / f"seed{s}.json")}
-            for m in params["methods"] for s in params["seeds"]]
+            for m in methods for s in params["seeds"]]
     # The grid of a method shows its first seed.
-    grids = {m: Path(args.samples_dir) / m / f"seed{params['seeds'][0]}" / "samples.npz" for m in params["methods"]}
+    grids = {m: Path(args.samples_dir) / m / f"seed{params['seeds'][0]}" / "samples.npz" for m in methods}
     out_dir = Path(args.out_dir)
     rows = write_report(experiment=args.experiment, runs=runs, samples=grids,
                         manifest=io.read_json(args.manifest), evaluator=io.read_json(args.evaluator_report),

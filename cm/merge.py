@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from cm import io
+from cm.errors import ConfigError
 from cm.lowrank import add_lowrank_branches, merge_lowrank
 from cm.models import build_unet
 
@@ -62,11 +63,14 @@ def merge(model_path: str | Path, out: str | Path, *, drop_branches: bool = Fals
     """Merge the EMA weights of a trained checkpoint into a plain U-Net checkpoint `out`."""
     state = load_checkpoint(model_path, "cm.model/1")
     config = state["config"]
+    has_branches = bool(config.get("rank_ratio"))
+    if drop_branches and not has_branches:
+        raise ConfigError(f"{model_path}: a {state['method']!r} checkpoint has no low-rank branches to drop; "
+                          f"a theta_g-only model needs a CM variant's checkpoint")
     net = build_network(config)
     net.load_state_dict(state["ema"])
     plain = _merged_plain(net, config, drop_branches)
 
-    has_branches = bool(config.get("rank_ratio"))
     report = {"had_branches": has_branches, "drop_branches": drop_branches}
     if has_branches and not drop_branches:
         net64 = copy.deepcopy(net).double()

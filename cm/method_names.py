@@ -28,8 +28,15 @@ for _variant in CM_VARIANTS:
     METHODS.update({f"{_variant}+{base}": MethodSpec(_variant, base) for base in BASE_NAMES})
 METHOD_NAMES: tuple[str, ...] = tuple(METHODS)
 
-# Evaluation-only models -> the training method whose checkpoint they reuse (merged, branches dropped).
-MERGE_ONLY: dict[str, str] = {"cm_gonly": "cm", **{f"cm_gonly+{base}": f"cm+{base}" for base in BASE_NAMES}}
+# Evaluation-only models -> the training method whose checkpoint they reuse: `<method>_gonly` is the
+# theta_g-only model of a run with low-rank branches (merged with the branches dropped; paper Table 7).
+GONLY_SUFFIX = "_gonly"
+MERGE_ONLY: dict[str, str] = {f"{name}{GONLY_SUFFIX}": name for name, spec in METHODS.items() if spec.variant}
+
+
+def evaluated_methods(params: dict) -> list[str]:
+    """Every model a run samples and evaluates: `methods`, then the theta_g-only models it asks for."""
+    return [*params["methods"], *(f"{name}{GONLY_SUFFIX}" for name in params.get("theta_g_only", []))]
 
 
 def parse_method(name: str) -> MethodSpec:

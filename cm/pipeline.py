@@ -32,7 +32,7 @@ PARAMS = {
     "merge": [],
     "sample": ["experiments.{experiment}.diffusion", "experiments.{experiment}.sample"],
     "evaluate": ["experiments.{experiment}.data", "experiments.{experiment}.evaluate"],
-    "report": ["methods", "seeds"],
+    "report": ["methods", "theta_g_only", "seeds"],
 }
 
 
@@ -61,7 +61,10 @@ def stage_params(params: dict, stage: str, **wildcards) -> dict:
 
 def dvc_stage_names(params: dict, experiment: str) -> list[str]:
     """The dvc.yaml stage names of one experiment (foreach/matrix naming)."""
-    per_run = [f"{stage}@{experiment}-{m}-{s}" for stage in ("train", "merge", "sample", "evaluate")
-               for m in params["methods"] for s in params["seeds"]]
+    def per_run(stages, methods):
+        return [f"{stage}@{experiment}-{m}-{s}" for stage in stages for m in methods for s in params["seeds"]]
+
     shared = [f"{stage}@{experiment}" for stage in ("prepare_data", "train_evaluator", "reference_features")]
-    return shared + per_run + [f"report@{experiment}"]
+    return (shared + per_run(("train", "merge", "sample", "evaluate"), params["methods"])
+            + per_run(("merge_gonly", "sample_gonly", "evaluate_gonly"), params["theta_g_only"])
+            + [f"report@{experiment}"])

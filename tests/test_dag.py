@@ -48,16 +48,17 @@ def covered(path, deps):
     return any(path == dep or path.startswith(dep.rstrip("/") + "/") for dep in deps)
 
 
-@pytest.mark.parametrize("seeds", [[0], [0, 1]])
-def test_snakemake_and_dvc_run_the_same_commands_on_the_same_paths(project, seeds):
+@pytest.mark.parametrize(("seeds", "theta_g_only"), [([0], []), ([0, 1], ["cm"])])
+def test_snakemake_and_dvc_run_the_same_commands_on_the_same_paths(project, seeds, theta_g_only):
     params = yaml.safe_load((project / "params.yaml").read_text())
-    params["seeds"] = seeds  # both orchestrators read params.yaml
+    params["seeds"], params["theta_g_only"] = seeds, theta_g_only  # both orchestrators read params.yaml
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     jobs, stages = snakemake_jobs(project), dvc_stages(project)
     assert set(jobs) == set(stages), set(jobs) ^ set(stages)
     for cmd, job in jobs.items():
         stage = stages[cmd]
-        rule, _, instance = stage["name"].partition("@")
+        stage_name, _, instance = stage["name"].partition("@")
+        rule = stage_name.removesuffix("_gonly")  # DVC's theta_g-only stages are Snakemake's rules
         assert job["rule"] == rule
         assert job["outputs"] == stage["outs"], cmd
         # Every Snakemake input is a DVC dependency (or inside one), and vice versa.
@@ -70,9 +71,9 @@ def test_snakemake_and_dvc_run_the_same_commands_on_the_same_paths(project, seed
             assert "method_params" in stage["params"]
             expected = [k for k in expected if not k.startswith("method_params.")] + ["method_params"]
         assert stage["params"] == sorted(expected), stage["name"]
-    # Per experiment: 4 shared stages, and train/merge/sample/evaluate per method and seed; the
-    # names register_dvc commits are exactly DVC's.
-    assert len(stages) == 4 + 4 * len(params["methods"]) * len(seeds)
+    # Per experiment: 4 shared stages, train/merge/sample/evaluate per method and seed, and
+    # merge/sample/evaluate per theta_g-only model and seed; register_dvc commits exactly DVC's names.
+    assert len(stages) == 4 + (4 * len(params["methods"]) + 3 * len(theta_g_only)) * len(seeds)
     assert sorted(dvc_stage_names(params, "digits_lt")) == sorted(s["name"] for s in stages.values())
 
 

@@ -11,6 +11,7 @@ import torch
 import cm.config as cfg
 from cm.diffusion import GaussianDiffusion
 from cm.lowrank import LowRankConv2d, branches
+from cm.method_names import CM_VARIANTS, evaluated_methods
 from cm.methods import (
     MERGE_ONLY,
     METHOD_NAMES,
@@ -52,6 +53,10 @@ def test_names_are_stable_and_complete():
         assert {variant, *(f"{variant}+{b}" for b in BASES)} <= set(METHOD_NAMES)
     assert len(METHOD_NAMES) == len(set(METHOD_NAMES)) == 19
     assert MERGE_ONLY["cm_gonly"] == "cm" and set(MERGE_ONLY.values()) <= set(METHOD_NAMES)
+    # Exactly the methods with low-rank branches have a theta_g-only model.
+    assert sorted(MERGE_ONLY.values()) == sorted(m for m in METHOD_NAMES if m.split("+")[0] in CM_VARIANTS)
+    assert evaluated_methods({"methods": ["ddpm", "cm", "cm+oc"], "theta_g_only": ["cm+oc", "cm"]}) == [
+        "ddpm", "cm", "cm+oc", "cm+oc_gonly", "cm_gonly"]
     assert not set(MERGE_ONLY) & set(METHOD_NAMES)
 
 
@@ -85,7 +90,7 @@ def test_parameters_combine():
     assert param_sections("cm+cbdm") == ("cm", "cbdm") and param_sections("cm") == ("cm", "ddpm")
     assert param_sections("oc") == ("oc",)
     assert resolve_params("cm_no_con+cbdm", ALL) == {
-        "rank_ratio": 0.25, "w_con": 0.0, "w_div": 0.2, "lambda": 0.5,
+        "rank_ratio": 0.25, "w_con": 0.0, "w_div": 0.2, "lambda": 0.5, "passes": "two",
         "base": {"tau": 0.5, "gamma": 0.1, "label_prior": "uniform"}}
     assert resolve_params("cbdm", {}) == PARAM_DEFAULTS["cbdm"]
     assert resolve_params("lowrank_only", {})["lambda"] == 0.0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import math
+import re
 
 import matplotlib.image
 import mlflow
@@ -91,6 +92,8 @@ def test_dvc_repro_reproduces_the_pipeline(project):
     (lambda p: p["method_params"]["cm"].update(rank_ratio=2), "method_params.cm.rank_ratio = 2"),
     (lambda p: p.update(methods=["ddpm", "cbdn"]), "methods[1] = 'cbdn' is not allowed"),
     (lambda p: p.update(methods=["cm+cm"]), "methods[0] = 'cm+cm' is not allowed"),
+    (lambda p: p.update(theta_g_only=["cm+oc"]), "theta_g_only[0] = 'cm+oc' is not allowed: must be one of methods"),
+    (lambda p: p.update(theta_g_only=["ddpm"]), "theta_g_only[0] = 'ddpm' is not allowed: it has no low-rank"),
     (lambda p: p.update(run=["cifar"]), "run[0] = 'cifar' is not an experiment"),
     (lambda p: p["experiments"]["digits_lt"].update(trian={}), "unknown key 'experiments.digits_lt.trian'"),
 ])
@@ -122,3 +125,28 @@ def test_merged_cm_model_matches_its_unmerged_outputs(project):
     run(["snakemake", "--cores", "all", "results/digits_lt/merged/cm/seed0/model.pt"], project)
     report = io.load_torch(project / "results/digits_lt/merged/cm/seed0/model.pt")["merge"]
     assert report["had_branches"] and report["gap_float64"] <= 1e-10 and report["gap_float32"] <= 1e-5
+
+
+def test_theta_g_only_model_reuses_the_cm_checkpoint_with_branches_dropped(project):
+    """cm_gonly (theta_g_only: [cm]) is merged from cm's checkpoint without a second training, and
+    computes what the trained network computes with every B set to zero (B A = 0)."""
+    import torch
+
+    from cm.merge import build_network, load_merged
+
+    out = run(["snakemake", "results/digits_lt/samples/cm_gonly/seed0/samples.npz", "--cores", "all",
+               "--config", "theta_g_only=[cm]"], project).stderr
+    assert re.search(r"^train\s+1$", out, re.M) and re.search(r"^merge\s+1$", out, re.M), out
+    assert not (project / "results/digits_lt/train/cm_gonly").exists()
+    trained = io.load_torch(project / "results/digits_lt/train/cm/seed0/model.pt")
+    full = build_network(trained["config"])
+    full.load_state_dict(trained["ema"])
+    with torch.no_grad():
+        for name, param in full.named_parameters():
+            if name.endswith(".B"):
+                param.zero_()
+    gonly, meta = load_merged(project / "results/digits_lt/merged/cm_gonly/seed0/model.pt")
+    assert meta["merge"]["drop_branches"]
+    x, t, y = torch.randn(4, 1, 8, 8), torch.tensor([1, 20, 50, 99]), torch.tensor([0, 3, 6, 9])
+    with torch.no_grad():
+        torch.testing.assert_close(gonly(x, t, y), full.eval()(x, t, y))

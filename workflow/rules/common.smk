@@ -10,6 +10,7 @@ from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
 
 from cm.config import ConfigError, check_params
+from cm.method_names import MERGE_ONLY, evaluated_methods
 from cm.pipeline import CODE, stage_params
 from cm.runlock import FolderBusyError, claim
 from cm.tracking import PIPELINE_ENV
@@ -60,8 +61,14 @@ def res(stage, key):
 
 
 def run_files(pattern):
-    """`pattern` for every method and seed of the comparison, experiment left as a wildcard."""
-    return expand(pattern, method=config["methods"], seed=config["seeds"], allow_missing=True)
+    """`pattern` for every evaluated model and seed of the comparison, experiment left as a wildcard."""
+    return expand(pattern, method=evaluated_methods(config), seed=config["seeds"], allow_missing=True)
+
+
+def trained_model(wildcards):
+    """The training checkpoint a merge reads: a theta_g-only model (`<method>_gonly`) reuses its method's."""
+    method = MERGE_ONLY.get(wildcards.method, wildcards.method)
+    return f"results/{wildcards.experiment}/train/{method}/seed{wildcards.seed}/model.pt"
 
 
 onstart:

@@ -27,7 +27,7 @@ rule train:
 rule merge:
     input:
         code("merge"),
-        model="results/{experiment}/train/{method}/seed{seed}/model.pt",
+        model=trained_model,
     output:
         "results/{experiment}/merged/{method}/seed{seed}/model.pt",
     log:
