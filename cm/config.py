@@ -20,6 +20,12 @@ from cm.errors import ConfigError
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 SCHEMA_PATH = PROJECT_ROOT / "workflow" / "schemas" / "params.schema.yaml"
 PARAMS_FILE = "params.yaml"
+# What data.path must be, for the sources that need one.
+PATH_NEEDED = {
+    "npz": "an .npz file with arrays images and labels",
+    "imagefolder": "a folder with one sub-folder of images per class",
+    "imagenet_lt": "the ImageNet folder that the paths of data.split_list are relative to",
+}
 
 
 
@@ -136,6 +142,7 @@ def _format(error: jsonschema.ValidationError) -> str:
 
 def _semantic_checks(params: dict, base_dir: Path) -> None:
     """Checks a schema cannot express: cross references and files that must exist."""
+    _check_theta_g_only(params)
     known = sorted(params["experiments"])
     for i, name in enumerate(params["run"]):
         if name not in params["experiments"]:
@@ -143,13 +150,13 @@ def _semantic_checks(params: dict, base_dir: Path) -> None:
     for name in params["run"]:
         data = params["experiments"][name]["data"]
         key = f"experiments.{name}.data.path"
-        if data["source"] in ("npz", "imagefolder"):
+        if data["source"] in PATH_NEEDED:
             if not data["path"]:
                 raise ConfigError(f"{key} = None is not allowed: source {data['source']} needs a path")
             path = Path(data["path"])
             path = path if path.is_absolute() else base_dir / path
             if not path.exists():
-                raise ConfigError(f"{key} = {data['path']!r}: not found")
+                raise ConfigError(f"{key} = {data['path']!r}: not found; must be {PATH_NEEDED[data['source']]}")
         _check_data_fits(name, params["experiments"][name], base_dir)
         diffusion = params["experiments"][name]["diffusion"]
         if diffusion["beta_start"] >= diffusion["beta_end"]:
@@ -157,6 +164,19 @@ def _semantic_checks(params: dict, base_dir: Path) -> None:
                 f"experiments.{name}.diffusion.beta_start = {diffusion['beta_start']!r} is not allowed: "
                 f"must be < beta_end ({diffusion['beta_end']!r})"
             )
+
+
+def _check_theta_g_only(params: dict) -> None:
+    """A theta_g-only model reuses the checkpoint of a trained method that has branches to drop."""
+    from cm.method_names import parse_method
+
+    for i, name in enumerate(params["theta_g_only"]):
+        if name not in params["methods"]:
+            raise ConfigError(f"theta_g_only[{i}] = {name!r} is not allowed: must be one of methods "
+                              f"({', '.join(params['methods'])}), whose checkpoint it reuses")
+        if parse_method(name).variant is None:
+            raise ConfigError(f"theta_g_only[{i}] = {name!r} is not allowed: it has no low-rank branches to drop; "
+                              f"use a CM variant (cm, cm+cbdm, lowrank_only, ...)")
 
 
 def _check_data_fits(name: str, experiment: dict, base_dir: Path) -> None:
@@ -169,8 +189,9 @@ def _check_data_fits(name: str, experiment: dict, base_dir: Path) -> None:
     from cm.errors import DataError
 
     data = dict(experiment["data"])
-    if data["path"] and not Path(data["path"]).is_absolute():
-        data["path"] = str(base_dir / data["path"])
+    for key in ("path", "split_list", "reference_list"):  # relative to the params file, as jobs run there
+        if data.get(key) and not Path(data[key]).is_absolute():
+            data[key] = str(base_dir / data[key])
     try:
         available, shape = source_summary(data)
     except DataError as err:
@@ -224,11 +245,13 @@ def experiment(params: dict, name: str) -> dict:
     return params["experiments"][name]
 
 
-def check_method(name: str) -> None:
-    """A method name must be one the method registry knows."""
-    from cm.method_names import parse_method
+def check_method(name: str, *, trained: bool = True) -> None:
+    """A method name must be one the method registry knows; stages after training also accept the
+    theta_g-only models (`<method>_gonly`)."""
+    from cm.method_names import MERGE_ONLY, parse_method
 
-    try:
-        parse_method(name)
-    except ValueError as err:
-        raise ConfigError(str(err)) from None
+    if trained or name not in MERGE_ONLY:
+        try:
+            parse_method(name)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from cm import io
-from cm.data import load_source
+from cm.data import load_reference
 from cm.metrics import distances
 from cm.metrics.feature_net import extract, load_feature_net, save_feature_net, train_feature_net
 from cm.metrics.floors import half_sizes, split_halves
@@ -23,15 +23,18 @@ from cm.metrics.prdc import precision_recall
 
 
 def dataset_id(data: dict) -> str:
-    """Names the real reference, so statistics of another dataset are never used by mistake."""
-    return f"{data['source']}:{data['path'] or ''}"
+    """Names the real reference, so statistics of another dataset are never used by mistake. The
+    optional keys are appended only when set, so the names of existing references stay valid."""
+    extra = "".join(f":{key}={data[key]}" for key in ("image_size", "reference_list") if data.get(key))
+    return f"{data['source']}:{data['path'] or ''}{extra}"
 
 
 def train_evaluator(*, experiment: dict, out: str | Path, report_out: str | Path, seed: int = 0,
                     device: str = "cpu", progress: bool = True) -> dict:
-    """Train the local classifier on the full balanced source; record its held-out accuracy."""
+    """Train the local classifier on the balanced real reference (`load_reference`); record its
+    held-out accuracy."""
     cfg = experiment["evaluate"]["feature_net"]
-    full = load_source(experiment["data"])
+    full = load_reference(experiment["data"])
     model, report = train_feature_net(
         full.images, full.labels, num_classes=full.num_classes, steps=cfg["steps"],
         batch_size=cfg["batch_size"], lr=cfg["lr"], seed=seed, test_fraction=cfg["test_fraction"],
@@ -59,10 +62,11 @@ def features(experiment: dict, classifier, images: np.ndarray,
 
 def reference_features(*, experiment: dict, evaluator: str | Path, out: str | Path, stats_out: str | Path,
                        device: str = "cpu") -> dict:
-    """Features of the full balanced real set and its per-class statistics, computed once per
-    dataset and extractor and reused by every method and seed."""
+    """Features of the balanced real reference (`load_reference`: the full source, or
+    data.reference_list) and its per-class statistics, computed once per dataset and extractor and
+    reused by every method and seed."""
     cfg, data = experiment["evaluate"], experiment["data"]
-    full = load_source(data)
+    full = load_reference(data)
     classifier, _ = load_feature_net(evaluator)
     feats, pred, _ = features(experiment, classifier, full.images, device)
     io.save_npz(out, features=feats, labels=full.labels, predictions=pred,

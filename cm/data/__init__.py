@@ -7,9 +7,13 @@ import hashlib
 import numpy as np
 
 from cm.data.profiles import many_medium_few, profile_counts, select_long_tailed
-from cm.data.sources import DataError, LabeledImages, load_source
+from cm.data.sources import DataError, LabeledImages, load_reference, load_source
 
-__all__ = ["DataError", "LabeledImages", "build_manifest", "load_source", "load_training_set"]
+__all__ = ["DataError", "LabeledImages", "build_manifest", "load_reference", "load_source", "load_training_set"]
+
+# The `data` keys that rebuild a source's images (the manifest's `source`; reference_list is read only
+# by the evaluation stages). Old manifests lack the later keys: they read as null.
+SOURCE_KEYS = ("path", "split_list", "image_size")
 
 
 def content_hash(images: np.ndarray, labels: np.ndarray) -> str:
@@ -34,9 +38,10 @@ def build_manifest(data: dict) -> dict:
         raise DataError(str(err)) from None
     indices = select_long_tailed(full.labels, counts, data["seed"])
     return {
-        "source": {"name": data["source"], "path": data["path"]},
+        "source": {"name": data["source"], **{key: data.get(key) for key in SOURCE_KEYS}},
         "profile": data["profile"],
-        "imbalance_ratio": data["imbalance_ratio"],
+        # `listed` keeps the source's own imbalance: record it rather than the unused setting.
+        "imbalance_ratio": max(counts) / min(counts) if data["profile"] == "listed" else data["imbalance_ratio"],
         "seed": data["seed"],
         "num_classes": full.num_classes,
         "class_names": full.class_names,
@@ -51,7 +56,8 @@ def build_manifest(data: dict) -> dict:
 
 def load_training_set(manifest: dict) -> LabeledImages:
     """Rebuild the long-tailed training set of a manifest and check it is the same content."""
-    full = load_source({"source": manifest["source"]["name"], "path": manifest["source"]["path"]})
+    source = manifest["source"]
+    full = load_source({"source": source["name"], **{key: source.get(key) for key in SOURCE_KEYS}})
     indices = np.asarray(manifest["indices"], dtype=np.int64)
     if len(indices) and indices.max() >= len(full.labels):
         raise DataError(f"the manifest's indices exceed the source's {len(full.labels)} images")

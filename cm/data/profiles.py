@@ -26,15 +26,22 @@ def two_class_counts(n_max: int, num_classes: int, ratio: float) -> list[int]:
     return exponential_counts(n_max, 2, ratio)
 
 
-PROFILES = ("exponential", "step", "explicit", "two_class")
+PROFILES = ("exponential", "step", "explicit", "two_class", "listed")
+# Sources whose images already are the long-tailed set: only `listed` keeps them as they are.
+LONG_TAILED_SOURCES = ("imagenet_lt",)
 
 
 def profile_counts(data: dict, available: np.ndarray) -> list[int]:
     """Per-class target counts of an experiment's `data` settings, given the images per class the
-    source has; n_max is its smallest class, so every class can supply it."""
+    source has; n_max is its smallest class, so every class can supply it. `listed` keeps every image."""
     num_classes, n_max, ratio = len(available), int(available.min()), data["imbalance_ratio"]
     profile = data["profile"]
-    if profile == "exponential":
+    if data["source"] in LONG_TAILED_SOURCES and profile != "listed":
+        raise ValueError(f"data.profile = {profile!r} is not allowed with data.source = {data['source']!r}: must be "
+                         "listed (the split list already is the long-tailed set)")
+    if profile == "listed":
+        counts = [int(n) for n in available]
+    elif profile == "exponential":
         counts = exponential_counts(n_max, num_classes, ratio)
     elif profile == "step":
         counts = step_counts(n_max, num_classes, ratio, data["step_fraction"])

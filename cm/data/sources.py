@@ -1,4 +1,5 @@
-"""Image sources: each returns the full (balanced) labelled set as uint8 NHWC arrays."""
+"""Image sources: each returns its full labelled set as uint8 NHWC arrays (balanced, except imagenet_lt,
+whose split list is the long-tailed set itself)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
+from cm.data.files import image_shape, read_images
+from cm.data.split_lists import Listing, parse_list, read_listing
 from cm.errors import DataError
 
 
@@ -75,64 +78,133 @@ def _cifar(data: dict) -> LabeledImages:
                          list(ds.classes))
 
 
-def _imagefolder(data: dict) -> LabeledImages:
-    """One sub-folder per class, images of one size (e.g. imbalanced CelebA-HQ, users' own data).
-    Classes are the sorted folder names, as torchvision's ImageFolder orders them."""
-    from PIL import Image
+IMAGEFOLDER = "a folder with one sub-folder of images per class (e.g. female/ and male/)"
+
+
+def class_folders(data: dict) -> list[tuple[str, list[Path]]]:
+    """(class name, image files) of each class folder, sorted by name as torchvision's ImageFolder
+    orders them; folders whose name starts with a dot (.ipynb_checkpoints, ...) are not classes."""
     from torchvision.datasets.folder import IMG_EXTENSIONS
 
     root = Path(data["path"] or "")
-    if not root.is_dir():
-        raise DataError(f"data.path = {str(root)!r}: not a folder (imagefolder needs one sub-folder per class)")
-    classes = sorted(p.name for p in root.iterdir() if p.is_dir())
-    if len(classes) < 2:
-        raise DataError(f"{root}: found {len(classes)} class folder(s); imagefolder needs at least 2")
-    images, labels, size = [], [], None
-    for label, name in enumerate(classes):
-        files = sorted(p for p in (root / name).iterdir() if p.suffix.lower() in IMG_EXTENSIONS)
+    if not data["path"] or not root.is_dir():
+        raise DataError(f"data.path = {data['path']!r}: not a folder; imagefolder needs {IMAGEFOLDER}")
+    folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not folders:
+        files = sum(1 for p in root.iterdir() if p.suffix.lower() in IMG_EXTENSIONS)
+        raise DataError(f"data.path = {data['path']!r}: {files} image file(s) but no class sub-folders; "
+                        f"imagefolder needs {IMAGEFOLDER}")
+    if len(folders) < 2:
+        raise DataError(f"data.path = {data['path']!r}: found {len(folders)} class folder(s) ({folders[0].name}/); "
+                        "must have at least 2")
+    classes = []
+    for folder in folders:
+        files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMG_EXTENSIONS)
         if not files:
-            raise DataError(f"{root / name}: no images ({', '.join(IMG_EXTENSIONS)})")
-        for path in files:
-            try:
-                with Image.open(path) as img:
-                    array = np.asarray(img.convert("RGB"), dtype=np.uint8)
-            except OSError as err:
-                raise DataError(f"{path}: not a readable image ({err})") from None
-            size = size or array.shape
-            if array.shape != size:
-                raise DataError(f"{path}: {array.shape[1]}x{array.shape[0]} pixels, the first image was "
-                                f"{size[1]}x{size[0]}; all images must have one size (resize them first)")
-            images.append(array)
-            labels.append(label)
-    return LabeledImages(np.stack(images), np.asarray(labels, dtype=np.int64), classes)
+            raise DataError(f"{folder}: no images; each class folder must hold at least one file ending in "
+                            f"{', '.join(IMG_EXTENSIONS)}")
+        classes.append((folder.name, files))
+    return classes
 
 
-SOURCES = {"digits": _digits, "npz": _npz, "cifar10": _cifar, "cifar100": _cifar, "imagefolder": _imagefolder}
+def _imagefolder(data: dict) -> LabeledImages:
+    """One sub-folder per class (e.g. imbalanced CelebA-HQ, users' own data), resized to
+    data.image_size if set (cm.data.files.read_image)."""
+    classes = class_folders(data)
+    paths = [path for _, files in classes for path in files]
+    labels = np.repeat(np.arange(len(classes)), [len(files) for _, files in classes])
+    return LabeledImages(read_images(paths, data.get("image_size")), labels.astype(np.int64),
+                         [name for name, _ in classes])
+
+
+def _listed_images(data: dict, listing: Listing) -> LabeledImages:
+    """The images of a checked split list, in list order, resized to data.image_size if set."""
+    return LabeledImages(read_images(listing.paths, data.get("image_size")), listing.labels, listing.class_names)
+
+
+def _imagenet_lt(data: dict) -> LabeledImages:
+    """ImageNet-LT: the images of data.split_list under the ImageNet folder data.path."""
+    return _listed_images(data, read_listing(data, "split_list"))
+
+
+SOURCES = {"digits": _digits, "npz": _npz, "cifar10": _cifar, "cifar100": _cifar, "imagefolder": _imagefolder,
+           "imagenet_lt": _imagenet_lt}
+# Keys only some sources read: set for another source they are refused, never silently ignored.
+READ_BY = {"split_list": ("imagenet_lt",), "reference_list": ("imagenet_lt",),
+           "image_size": ("imagefolder", "imagenet_lt")}
+
+
+def check_settings(data: dict) -> None:
+    """The source is known, reads every key that is set, and has what it needs."""
+    source = data["source"]
+    if source not in SOURCES:
+        raise DataError(f"data.source = {source!r} is not allowed: one of {', '.join(SOURCES)}")
+    for key, readers in READ_BY.items():
+        if data.get(key) is not None and source not in readers:
+            raise DataError(f"data.{key} = {data[key]!r} is not allowed with data.source = {source!r}: must be "
+                            f"null (only {' and '.join(readers)} read it)")
+    if source == "imagenet_lt" and not data.get("split_list"):
+        raise DataError("data.split_list = None is not allowed with data.source = 'imagenet_lt': must name a "
+                        "split list file such as ImageNet_LT_train.txt")
 
 
 def load_source(data: dict) -> LabeledImages:
     """Load the full labelled set named by an experiment's `data` settings."""
-    if data["source"] not in SOURCES:
-        raise DataError(f"data.source = {data['source']!r} is not allowed: one of {', '.join(SOURCES)}")
+    check_settings(data)
     return SOURCES[data["source"]](data)
+
+
+def load_reference(data: dict) -> LabeledImages:
+    """The real set that evaluation compares with: data.reference_list's images when set (imagenet_lt:
+    a class-balanced list such as ImageNet_LT_test.txt), otherwise the full source (design section 8)."""
+    if not data.get("reference_list"):
+        return load_source(data)
+    check_settings(data)
+    num_classes = int(parse_list(data, "split_list")[1].max()) + 1
+    return _listed_images(data, read_listing(data, "reference_list", num_classes))
+
+
+def _npz_summary(data: dict) -> tuple[np.ndarray, tuple[int, ...]]:
+    """Labels and the images' header of an .npz, without reading the images."""
+    import zipfile
+
+    path = Path(data["path"])
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            labels = archive["labels"].astype(np.int64)
+        with zipfile.ZipFile(path) as zf, zf.open("images.npy") as fh:
+            major, _ = np.lib.format.read_magic(fh)
+            read_header = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+            shape, _, _ = read_header(fh)
+    except (OSError, KeyError, ValueError, zipfile.BadZipFile) as err:
+        raise DataError(f"{path}: not a readable .npz file with images and labels ({err})") from None
+    return np.bincount(labels), tuple(shape[1:])
+
+
+def _imagefolder_summary(data: dict) -> tuple[np.ndarray, tuple[int, ...]]:
+    """Files per class folder and the first image's shape (images of other sizes are found at load)."""
+    classes = class_folders(data)
+    return np.array([len(files) for _, files in classes]), image_shape(classes[0][1][0], data.get("image_size"))
+
+
+def _imagenet_lt_summary(data: dict) -> tuple[np.ndarray, tuple[int, ...]]:
+    """Images per class of the split list and the first one's shape, after checking both lists and
+    that every listed file exists."""
+    listing = read_listing(data, "split_list")
+    counts = np.bincount(listing.labels)
+    if data.get("reference_list"):
+        read_listing(data, "reference_list", len(counts))
+    return counts, image_shape(listing.paths[0], data.get("image_size"))
+
+
+SUMMARIES = {"npz": _npz_summary, "imagefolder": _imagefolder_summary, "imagenet_lt": _imagenet_lt_summary}
 
 
 def source_summary(data: dict) -> tuple[np.ndarray, tuple[int, ...]]:
     """(images per class, image shape) of a source without decoding its images, for checks that
     run before any job starts."""
-    if data["source"] == "npz":
-        import zipfile
-
-        path = Path(data["path"])
-        try:
-            with np.load(path, allow_pickle=False) as archive:
-                labels = archive["labels"].astype(np.int64)
-            with zipfile.ZipFile(path) as zf, zf.open("images.npy") as fh:
-                major, _ = np.lib.format.read_magic(fh)
-                read_header = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
-                shape, _, _ = read_header(fh)
-        except (OSError, KeyError, ValueError, zipfile.BadZipFile) as err:
-            raise DataError(f"{path}: not a readable .npz file with images and labels ({err})") from None
-        return np.bincount(labels), tuple(shape[1:])
+    check_settings(data)
+    if data["source"] in SUMMARIES:
+        return SUMMARIES[data["source"]](data)
     full = load_source(data)
     return np.bincount(full.labels, minlength=full.num_classes), full.images.shape[1:]
