@@ -6,14 +6,18 @@ with every branch off, theta_g+e the full model. Per batch (design section 7):
     D_i  = mean_pixels (h_full,i - h_g,i)^2
     L_CM = C * mean_i( (w_con p_{y_i} - w_div q_{y_i}) D_i ),  p_y ~ N_y,  q_y ~ 1 / N_y
     L    = L_base(h_full) + lambda * L_CM
+
+`passes` chooses how h_full and h_g are computed: two full forward passes as released, or the fast
+mode sharing one encoder pass (cm/methods/passes.py).
 """
 
 from __future__ import annotations
 
 import torch
 
-from cm.lowrank import add_lowrank_branches, branches_disabled
+from cm.lowrank import add_lowrank_branches
 from cm.methods.base import LossOutput, Method
+from cm.methods.passes import check_passes, full_and_theta_g
 
 
 def signed_class_weights(class_counts, w_con: float, w_div: float) -> torch.Tensor:
@@ -25,11 +29,12 @@ def signed_class_weights(class_counts, w_con: float, w_div: float) -> torch.Tens
     return len(counts) * (w_con * p - w_div * q)
 
 
-CM_DEFAULTS = {"rank_ratio": 0.1, "w_con": 1.0, "w_div": 0.2, "lambda": 1.0}  # released values
+CM_DEFAULTS = {"rank_ratio": 0.1, "w_con": 1.0, "w_div": 0.2, "lambda": 1.0, "passes": "two"}  # released values
 
 
 class CapacityManipulation(Method):
-    """L = L_base(h_full) + lambda * L_CM, with two full forward passes per step as released.
+    """L = L_base(h_full) + lambda * L_CM, with two full forward passes per step as released
+    (`passes = "two"`) or one encoder pass shared by both decoder passes (`"shared_encoder"`).
 
     `base` is any objective whose LossOutput.pred is the full model's eps on (x_t, t, cond).
     With lambda = 0 (the `lowrank_only` ablation) the theta_g pass is skipped: the model is
@@ -38,7 +43,7 @@ class CapacityManipulation(Method):
 
     def __init__(self, base: Method, class_counts, *, rank_ratio: float = CM_DEFAULTS["rank_ratio"],
                  w_con: float = CM_DEFAULTS["w_con"], w_div: float = CM_DEFAULTS["w_div"],
-                 name: str | None = None, **kwargs):
+                 passes: str = CM_DEFAULTS["passes"], name: str | None = None, **kwargs):
         unknown = set(kwargs) - {"lambda"}
         if unknown:
             raise TypeError(f"CapacityManipulation got unexpected parameters {sorted(unknown)}")
@@ -47,6 +52,7 @@ class CapacityManipulation(Method):
         self.rank_ratio = rank_ratio
         self.lam = float(kwargs.get("lambda", CM_DEFAULTS["lambda"]))
         self.w_con, self.w_div = float(w_con), float(w_div)
+        self.passes = check_passes(passes)
         self.class_weight = signed_class_weights(class_counts, w_con, w_div).float()
 
     def prepare(self, net) -> None:
@@ -54,15 +60,10 @@ class CapacityManipulation(Method):
         add_lowrank_branches(net, self.rank_ratio)
 
     def __call__(self, net, x0: torch.Tensor, y: torch.Tensor) -> LossOutput:
-        out = self.base(net, x0, y)  # base loss on the full model theta_g+e
         if self.lam == 0:
-            return out  # L_CM has no weight: spare the theta_g pass
-        # Second pass through theta_g alone: same x_t, t and (possibly dropped) labels, its own
-        # dropout mask, no stop-gradient, as in the released code.
-        # Fast mode (design section 7, not implemented): branches sit in the decoder only, so the
-        # encoder and middle block could be run once and shared, and only the decoder run twice.
-        with branches_disabled(net):
-            h_g = net(out.x_t, out.t, out.cond)
+            return self.base(net, x0, y)  # L_CM has no weight: spare the theta_g pass
+        # h_full = out.pred (the base loss is on it); h_g on the same x_t, t and labels, no stop-gradient.
+        out, h_g = full_and_theta_g(self.base, self.passes, net, x0, y)
         d = (out.pred - h_g).pow(2).flatten(1).mean(1)                 # D_i, (N,)
         l_cm = (self.class_weight.to(y.device)[y] * d).mean()          # weights use the true label
         out.loss = out.loss + self.lam * l_cm

@@ -5,12 +5,16 @@ CIFAR-10 model (w86763777/pytorch-ddpm); the only addition is a learned
 class embedding that is added to the time embedding. A label equal to
 ``NULL_LABEL`` drops the class embedding for that sample, so the conditional
 and unconditional halves of classifier-free guidance share one forward pass.
+
+``forward`` is ``decode(encode(...))``: the split lets CM's fast mode run the encoder and middle
+block once and the decoder twice (cm/methods/passes.py); weights and outputs are unchanged.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +33,19 @@ def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
     freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=t.device) / half)
     args = t.float()[:, None] * freqs[None, :]  # (N, half)
     return torch.cat([torch.sin(args), torch.cos(args)], dim=1)
+
+
+class Encoding(NamedTuple):
+    """The encoder's output: the middle block's activation, the skip activations (encoder order)
+    and the time(+class) embedding. Every entry is per sample, so rows can be selected."""
+
+    h: torch.Tensor
+    skips: tuple[torch.Tensor, ...]
+    temb: torch.Tensor
+
+    def rows(self, n: int) -> Encoding:
+        """The encoding of the first `n` samples (every layer of the U-Net acts per sample)."""
+        return Encoding(self.h[:n], tuple(s[:n] for s in self.skips), self.temb[:n])
 
 
 def _norm(ch: int) -> nn.GroupNorm:
@@ -201,8 +218,8 @@ class UNet(nn.Module):
         lab = self.label_emb(torch.where(keep, y, torch.zeros_like(y)))
         return emb + lab * keep[:, None].to(lab.dtype)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
-        """Predict noise for x (N, C, H, W) at timesteps t (N,) with labels y (N,) or None."""
+    def encode(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> Encoding:
+        """The encoder and middle block: everything the decoder needs (see `Encoding`)."""
         temb = self.embed(t, y)
         h = self.head(x)
         hs = [h]
@@ -211,8 +228,18 @@ class UNet(nn.Module):
             hs.append(h)
         for block in self.middleblocks:
             h = block(h, temb)
+        return Encoding(h, tuple(hs), temb)
+
+    def decode(self, enc: Encoding) -> torch.Tensor:
+        """The decoder and output head on an encoding; it leaves `enc` intact, so one encoding
+        can be decoded more than once (CM's fast mode)."""
+        h, skips = enc.h, list(enc.skips)
         for block in self.upblocks:
             if isinstance(block, ResBlock):
-                h = torch.cat([h, hs.pop()], dim=1)
-            h = block(h, temb)
+                h = torch.cat([h, skips.pop()], dim=1)
+            h = block(h, enc.temb)
         return self.tail(h)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        """Predict noise for x (N, C, H, W) at timesteps t (N,) with labels y (N,) or None."""
+        return self.decode(self.encode(x, t, y))
