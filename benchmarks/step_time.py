@@ -23,10 +23,12 @@ from cm.methods import METHOD_NAMES, PARAM_DEFAULTS, build_method
 from cm.models import build_unet
 
 
-def make_step(name, args, counts, device):
+def make_step(name, args, counts, device, params: dict | None = None):
+    """One training step of method `name` (registry defaults, with `params` on top) on a fixed batch."""
     diffusion = GaussianDiffusion(1000)
+    params = PARAM_DEFAULTS.get(name, {}) if params is None else params
     method = build_method(name, diffusion=diffusion, train={"label_drop": 0.1, "batch_size": args.batch},
-                          params=PARAM_DEFAULTS.get(name, {}), class_counts=counts, all_params=PARAM_DEFAULTS)
+                          params=params, class_counts=counts, all_params=PARAM_DEFAULTS)
     net = build_unet(args.preset, num_classes=len(counts), in_channels=args.channels, image_size=args.image_size)
     method.prepare(net)
     net.to(device).train()
@@ -42,6 +44,28 @@ def make_step(name, args, counts, device):
         if device.type == "cuda":
             torch.cuda.synchronize()
     return step
+
+
+def time_interleaved(steps: dict, rounds: int, per_round: int) -> dict[str, list[float]]:
+    """Seconds per step of each named step function, per round: 3 warm-up steps each, then
+    `rounds` rounds that time every function in turn, so machine noise hits them alike."""
+    for step in steps.values():
+        for _ in range(3):
+            step()
+    times = {name: [] for name in steps}
+    for _ in range(rounds):
+        for name, step in steps.items():
+            start = time.perf_counter()
+            for _ in range(per_round):
+                step()
+            times[name].append((time.perf_counter() - start) / per_round)
+    return times
+
+
+def machine_name(device: torch.device, threads: int) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name()
+    return f"{platform.processor() or platform.machine()}, {threads} thread(s)"
 
 
 def main():
@@ -61,19 +85,9 @@ def main():
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     counts = exponential_counts(5000, 10, 100)
     steps = {name: make_step(name, args, counts, device) for name in names}
-    times = {name: [] for name in names}
-    for name, step in steps.items():  # warm-up
-        for _ in range(3):
-            step()
-    for _ in range(args.rounds):
-        for name, step in steps.items():
-            start = time.perf_counter()
-            for _ in range(args.steps):
-                step()
-            times[name].append((time.perf_counter() - start) / args.steps)
-    cpu = f"{platform.processor() or platform.machine()}, {args.threads} thread(s)"
-    machine = torch.cuda.get_device_name() if device.type == "cuda" else cpu
-    print(f"preset {args.preset}, {args.channels}x{args.image_size}x{args.image_size}, batch {args.batch}, {machine}")
+    times = time_interleaved(steps, args.rounds, args.steps)
+    print(f"preset {args.preset}, {args.channels}x{args.image_size}x{args.image_size}, batch {args.batch}, "
+          f"{machine_name(device, args.threads)}")
     base = statistics.median(times["ddpm"])
     for name, values in times.items():
         median = statistics.median(values)

@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from cm import io
 from cm.data import load_training_set
-from cm.data.images import to_model_range
+from cm.data.images import scale, to_nchw
 from cm.diffusion import GaussianDiffusion
 from cm.errors import NonFiniteLossError
 from cm.methods import build_method, resolve_params
@@ -138,7 +138,7 @@ def train(*, manifest: dict, experiment: dict, method_name: str, method_params: 
 
     torch.manual_seed(seed)
     data = load_training_set(manifest)
-    x_all = to_model_range(data.images).to(dev)
+    x_all = to_nchw(data.images).to(dev)  # kept as uint8; each batch is scaled to [-1, 1]
     y_all = torch.as_tensor(data.labels).to(dev)
     diffusion = GaussianDiffusion(**experiment["diffusion"])
     method = build_method(method_name, diffusion=diffusion, train=cfg, all_params=method_params,
@@ -181,7 +181,7 @@ def train(*, manifest: dict, experiment: dict, method_name: str, method_params: 
         for group in optimizer.param_groups:  # linear warm-up, then constant
             group["lr"] = cfg["lr"] * min(1.0, (step + 1) / max(1, cfg["warmup_steps"]))
         idx = sampler.next().to(dev)
-        x0, y = x_all[idx], y_all[idx]
+        x0, y = scale(x_all[idx]), y_all[idx]
         if experiment["data"]["hflip"]:
             flip = torch.rand(len(x0), device=dev) < 0.5
             x0 = torch.where(flip.view(-1, 1, 1, 1), x0.flip(3), x0)
