@@ -143,6 +143,11 @@ def _format(error: jsonschema.ValidationError) -> str:
 def _semantic_checks(params: dict, base_dir: Path) -> None:
     """Checks a schema cannot express: cross references and files that must exist."""
     _check_theta_g_only(params)
+    cm_params = params["method_params"]["cm"]
+    if cm_params["passes"] == "shared_encoder" and cm_params["branch_layers"] != "decoder":
+        raise ConfigError(f"method_params.cm.passes = 'shared_encoder' is not allowed with branch_layers = "
+                          f"{cm_params['branch_layers']!r}: it shares the encoder between h_full and h_g, so "
+                          f"branches must be in the decoder only (branch_layers: decoder)")
     known = sorted(params["experiments"])
     for i, name in enumerate(params["run"]):
         if name not in params["experiments"]:

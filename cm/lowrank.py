@@ -1,11 +1,11 @@
 """Low-rank reserved capacity for the U-Net decoder (CM's capacity reservation).
 
 Every decoder 3x3 convolution with weight ``W_g`` is re-parameterised as
-``W = W_g + delta_W`` where ``delta_W`` is a low-rank product ``B @ A`` (loralib
-ConvLoRA factorisation). ``W_g`` carries general / majority knowledge and the
-branch is the capacity reserved for minority classes. Disabling the branches
-gives the ``theta_g`` model; merging them gives a plain U-Net of the original
-size, so inference costs nothing extra.
+``W = W_g + delta_W`` where ``delta_W`` is a low-rank product ``s * B @ A`` (loralib
+ConvLoRA factorisation; the released code has s = 1 and branches in the decoder only).
+``W_g`` carries general / majority knowledge and the branch is the capacity reserved
+for minority classes. Disabling the branches gives the ``theta_g`` model; merging
+them gives a plain U-Net of the original size, so inference costs nothing extra.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ class LowRankConv2d(nn.Module):
     starts at zero, so wrapping does not change the function.
     """
 
-    def __init__(self, base: nn.Conv2d, rank: int):
+    def __init__(self, base: nn.Conv2d, rank: int, scale: float = 1.0):
         super().__init__()
         if base.groups != 1:
             raise ValueError(f"LowRankConv2d supports groups=1 only, got groups={base.groups}")
@@ -37,7 +37,7 @@ class LowRankConv2d(nn.Module):
         if rank < 1:
             raise ValueError(f"rank must be >= 1, got {rank}")
         self.base = base
-        self.rank = rank
+        self.rank, self.scale = rank, scale
         self.enabled = True
         k, w = kh, base.weight
         self.A = nn.Parameter(w.new_empty(rank * k, base.in_channels * k))
@@ -46,7 +46,8 @@ class LowRankConv2d(nn.Module):
 
     def delta_weight(self) -> torch.Tensor:
         """The branch's weight update, shaped like ``base.weight`` (out, in, k, k)."""
-        return (self.B @ self.A).view(self.base.weight.shape)
+        delta = (self.B @ self.A).view(self.base.weight.shape)
+        return delta if self.scale == 1 else self.scale * delta
 
     def merged_weight(self) -> torch.Tensor:
         """``W_g + delta_W`` (the weight the forward pass uses when enabled)."""
@@ -58,7 +59,7 @@ class LowRankConv2d(nn.Module):
         return self.base._conv_forward(x, weight, self.base.bias)
 
     def extra_repr(self) -> str:
-        return f"rank={self.rank}, enabled={self.enabled}"
+        return f"rank={self.rank}, scale={self.scale}, enabled={self.enabled}"
 
 
 def rank_for(in_ch: int, out_ch: int, rank_ratio: float) -> int:
@@ -74,21 +75,24 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, leaf, module)
 
 
-def add_lowrank_branches(model: nn.Module, rank_ratio: float) -> list[str]:
-    """Wrap every 3x3 conv of ``model.upblocks`` (decoder) in a LowRankConv2d, in place.
+LAYERS = ("decoder", "all")  # where branches go: the released decoder only, or every 3x3 conv
 
-    Covers the decoder ResBlocks' ``conv1``/``conv2`` and the upsample convs; 1x1
-    shortcuts and attention projections are left alone, as is everything outside
-    the decoder. Returns the qualified names of the wrapped convs.
+
+def add_lowrank_branches(model: nn.Module, rank_ratio: float, *, scale: float = 1.0,
+                         layers: str = "decoder") -> list[str]:
+    """Wrap 3x3 convs in LowRankConv2d, in place: those of ``model.upblocks`` (``layers="decoder"``,
+    as released: the decoder ResBlocks' ``conv1``/``conv2`` and the upsample convs) or every 3x3
+    conv of the U-Net (``"all"``). 1x1 shortcuts and attention projections are left alone.
+    Returns the qualified names of the wrapped convs.
     """
-    targets = [
-        (f"upblocks.{name}", m)
-        for name, m in model.upblocks.named_modules()
-        if type(m) is nn.Conv2d and m.kernel_size == (3, 3)
-    ]
+    if layers not in LAYERS:
+        raise ValueError(f"layers = {layers!r} is not allowed: one of {', '.join(LAYERS)}")
+    root, prefix = (model.upblocks, "upblocks.") if layers == "decoder" else (model, "")
+    targets = [(prefix + name, m) for name, m in root.named_modules()
+               if type(m) is nn.Conv2d and m.kernel_size == (3, 3)]
     for name, conv in targets:
         r = rank_for(conv.in_channels, conv.out_channels, rank_ratio)
-        _set_submodule(model, name, LowRankConv2d(conv, r))
+        _set_submodule(model, name, LowRankConv2d(conv, r, scale))
     return [name for name, _ in targets]
 
 

@@ -27,7 +27,9 @@ def build_network(config: dict, with_branches: bool = True) -> torch.nn.Module:
     net = build_unet(config["preset"], num_classes=config["num_classes"],
                      in_channels=config["in_channels"], image_size=config["image_size"])
     if with_branches and config.get("rank_ratio"):
-        add_lowrank_branches(net, config["rank_ratio"])
+        # Checkpoints from before branch_scale / branch_layers existed used the released values.
+        add_lowrank_branches(net, config["rank_ratio"], scale=config.get("branch_scale", 1.0),
+                             layers=config.get("branch_layers", "decoder"))
     return net
 
 

@@ -118,6 +118,8 @@ def model_config(manifest: dict, experiment: dict, method) -> dict:
         "in_channels": channels,
         "image_size": height,
         "rank_ratio": method.rank_ratio,
+        "branch_scale": method.branch_scale,
+        "branch_layers": method.branch_layers,
     }
 
 

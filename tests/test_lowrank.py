@@ -200,3 +200,27 @@ def test_gradients_reach_A_and_B():
     randomize_B(wrapped)
     wrapped(*inputs()).square().mean().backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in lowrank_parameters(wrapped))
+
+
+def test_branch_scale_and_all_layers_merge_exactly():
+    """branch_scale s multiplies B A, branch_layers="all" wraps every 3x3 conv (encoder, middle,
+    head and tail too); merging W_g + s B A stays exact in float64."""
+    plain = tiny(torch.float64)
+    n_3x3 = sum(type(m) is nn.Conv2d and m.kernel_size == (3, 3) for m in plain.modules())
+    wrapped = copy.deepcopy(plain)
+    names = add_lowrank_branches(wrapped, 0.1, scale=2.5, layers="all")
+    assert len(names) == n_3x3 > len(expected_decoder_convs((1, 2), 1))
+    randomize_B(wrapped)
+    sd = wrapped.state_dict()
+    merged_sd = merge_lowrank(wrapped)
+    for name in names:
+        shape = sd[f"{name}.base.weight"].shape
+        w = sd[f"{name}.base.weight"] + 2.5 * (sd[f"{name}.B"] @ sd[f"{name}.A"]).reshape(shape)
+        torch.testing.assert_close(merged_sd[f"{name}.weight"], w, rtol=1e-12, atol=1e-12)
+    target = tiny(torch.float64, seed=123)
+    target.load_state_dict(merged_sd)
+    x, t, y = inputs(torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(target(x, t, y), wrapped(x, t, y), rtol=1e-10, atol=1e-10)
+    with pytest.raises(ValueError, match="layers = 'encoder' is not allowed: one of decoder, all"):
+        add_lowrank_branches(tiny(), 0.1, layers="encoder")

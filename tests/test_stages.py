@@ -54,6 +54,31 @@ def test_merged_cm_is_a_plain_unet_with_the_same_function(trained):
     torch.testing.assert_close(cm_net.state_dict()[f"{conv}.weight"], w + (b @ a).view(w.shape))
 
 
+def test_branch_scale_travels_from_training_to_the_merge(trained, tmp_path):
+    """A CM run with branch_scale s records it in its checkpoint; the merge folds in W_g + s B A."""
+    tmp, experiment, manifest = trained
+    params = {**cfg.load_params(ROOT / "params.yaml")["method_params"]["cm"], "branch_scale": 3.0}
+    train(manifest=manifest, experiment=experiment, method_name="cm", method_params={"cm": params}, seed=0,
+          out=tmp_path / "cm.pt", checkpoint_root=tmp_path / "ckpt", history_out=tmp_path / "cm.csv",
+          progress=False)
+    state = io.load_torch(tmp_path / "cm.pt")
+    assert state["config"]["branch_scale"] == 3.0
+    conv = "upblocks.0.conv1"
+    state["ema"][f"{conv}.B"] = torch.randn_like(state["ema"][f"{conv}.B"])
+    io.save_torch(tmp_path / "cm_loud.pt", state)
+    merge(tmp_path / "cm_loud.pt", tmp_path / "merged.pt")
+    a, b, w = (state["ema"][f"{conv}.{p}"] for p in ("A", "B", "base.weight"))
+    merged, _ = load_merged(tmp_path / "merged.pt")
+    torch.testing.assert_close(merged.state_dict()[f"{conv}.weight"], w + 3.0 * (b @ a).view(w.shape))
+
+
+def test_theta_g_only_merge_needs_branches(trained, tmp_path):
+    tmp, _, _ = trained
+    with pytest.raises(cfg.ConfigError, match="'ddpm' checkpoint has no low-rank branches to drop"):
+        merge(tmp / "ddpm.pt", tmp_path / "gonly.pt", drop_branches=True)
+    assert not (tmp_path / "gonly.pt").exists()
+
+
 def test_merge_refuses_files_of_the_wrong_kind(trained, tmp_path):
     tmp, _, _ = trained
     merge(tmp / "ddpm.pt", tmp_path / "merged.pt")

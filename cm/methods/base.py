@@ -24,7 +24,9 @@ class Method:
     """A training objective: optionally reshapes the network, then maps a batch to a loss."""
 
     name = "base"
-    rank_ratio: float | None = None  # set by objectives that reserve low-rank capacity
+    rank_ratio: float | None = None  # set by objectives that reserve low-rank capacity,
+    branch_scale: float = 1.0        # with the scaling of B A
+    branch_layers: str = "decoder"   # and the convs that get a branch (cm/lowrank.py)
 
     def prepare(self, net: nn.Module) -> None:
         """Modify the freshly built network before training (default: nothing)."""

@@ -29,7 +29,8 @@ def signed_class_weights(class_counts, w_con: float, w_div: float) -> torch.Tens
     return len(counts) * (w_con * p - w_div * q)
 
 
-CM_DEFAULTS = {"rank_ratio": 0.1, "w_con": 1.0, "w_div": 0.2, "lambda": 1.0, "passes": "two"}  # released values
+CM_DEFAULTS = {"rank_ratio": 0.1, "branch_scale": 1.0, "branch_layers": "decoder",  # released values
+               "w_con": 1.0, "w_div": 0.2, "lambda": 1.0, "passes": "two"}
 
 
 class CapacityManipulation(Method):
@@ -43,21 +44,25 @@ class CapacityManipulation(Method):
 
     def __init__(self, base: Method, class_counts, *, rank_ratio: float = CM_DEFAULTS["rank_ratio"],
                  w_con: float = CM_DEFAULTS["w_con"], w_div: float = CM_DEFAULTS["w_div"],
+                 branch_scale: float = CM_DEFAULTS["branch_scale"], branch_layers: str = CM_DEFAULTS["branch_layers"],
                  passes: str = CM_DEFAULTS["passes"], name: str | None = None, **kwargs):
         unknown = set(kwargs) - {"lambda"}
         if unknown:
             raise TypeError(f"CapacityManipulation got unexpected parameters {sorted(unknown)}")
         self.base = base
         self.name = name or ("cm" if base.name == "ddpm" else f"cm+{base.name}")
-        self.rank_ratio = rank_ratio
+        self.rank_ratio, self.branch_scale, self.branch_layers = rank_ratio, float(branch_scale), branch_layers
         self.lam = float(kwargs.get("lambda", CM_DEFAULTS["lambda"]))
         self.w_con, self.w_div = float(w_con), float(w_div)
         self.passes = check_passes(passes)
+        if passes == "shared_encoder" and branch_layers != "decoder":
+            raise ValueError(f"cm: passes = 'shared_encoder' is not allowed with branch_layers = {branch_layers!r}: "
+                             f"it shares the encoder between h_full and h_g, so branches must be in the decoder only")
         self.class_weight = signed_class_weights(class_counts, w_con, w_div).float()
 
     def prepare(self, net) -> None:
         self.base.prepare(net)
-        add_lowrank_branches(net, self.rank_ratio)
+        add_lowrank_branches(net, self.rank_ratio, scale=self.branch_scale, layers=self.branch_layers)
 
     def __call__(self, net, x0: torch.Tensor, y: torch.Tensor) -> LossOutput:
         if self.lam == 0:

@@ -208,7 +208,7 @@ class UNet(nn.Module):
     def embed(self, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         """Time (+ class) embedding (N, 4*ch); entries ``y == NULL_LABEL`` get no class term."""
         # Follow the parameters' dtype so .double()/.half() models work.
-        emb = self.time_mlp(timestep_embedding(t, self.ch).to(self.head.weight.dtype))
+        emb = self.time_mlp(timestep_embedding(t, self.ch).to(self.time_mlp[0].weight.dtype))
         if y is None:
             return emb
         if self.label_emb is None:
