@@ -90,7 +90,8 @@ def test_parameters_combine():
     assert param_sections("cm+cbdm") == ("cm", "cbdm") and param_sections("cm") == ("cm", "ddpm")
     assert param_sections("oc") == ("oc",)
     assert resolve_params("cm_no_con+cbdm", ALL) == {
-        "rank_ratio": 0.25, "w_con": 0.0, "w_div": 0.2, "lambda": 0.5, "passes": "two",
+        "rank_ratio": 0.25, "w_con": 0.0, "w_div": 0.2, "lambda": 0.5, "passes": "two", "branch_scale": 1.0,
+        "branch_layers": "decoder",
         "base": {"tau": 0.5, "gamma": 0.1, "label_prior": "uniform"}}
     assert resolve_params("cbdm", {}) == PARAM_DEFAULTS["cbdm"]
     assert resolve_params("lowrank_only", {})["lambda"] == 0.0
