@@ -153,11 +153,12 @@ def cmd_report(args) -> None:
     from cm.tracking import log_stage
 
     params, _ = _setup(args)
-    methods = evaluated_methods(params)
+    # Snakemake passes its selection (which --config may change); DVC's is params.yaml's.
+    methods, seeds = args.methods or evaluated_methods(params), args.seeds or params["seeds"]
     runs = [{"method": m, "seed": s, "metrics": io.read_json(Path(args.metrics_dir) / m / f"seed{s}.json")}
-            for m in methods for s in params["seeds"]]
+            for m in methods for s in seeds]
     # The grid of a method shows its first seed.
-    grids = {m: Path(args.samples_dir) / m / f"seed{params['seeds'][0]}" / "samples.npz" for m in methods}
+    grids = {m: Path(args.samples_dir) / m / f"seed{seeds[0]}" / "samples.npz" for m in methods}
     out_dir = Path(args.out_dir)
     rows = write_report(experiment=args.experiment, runs=runs, samples=grids,
                         manifest=io.read_json(args.manifest), evaluator=io.read_json(args.evaluator_report),
@@ -241,6 +242,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--manifest", required=True)
     p.add_argument("--evaluator-report", required=True)
     p.add_argument("--out-dir", required=True)
+    p.add_argument("--methods", nargs="+", help="models to report (default: params.yaml's methods + theta_g_only)")
+    p.add_argument("--seeds", nargs="+", type=int, help="seeds to report (default: params.yaml's seeds)")
     p = stage("register-dvc", cmd_register_dvc, "record Snakemake-made outputs with DVC (dvc commit)",
               experiment=False)
     p.add_argument("--experiments", nargs="+", required=True)

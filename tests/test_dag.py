@@ -23,8 +23,10 @@ def snakemake_jobs(project):
         shell = re.search(r"^Shell command: (.*)$", block, re.M)
         if rule in ONLY_SNAKEMAKE or shell is None:
             continue
-        # Snakemake adds its log redirection and thread count; DVC runs the bare command.
-        cmd = " ".join(re.sub(r" --threads \d+| > \S+ 2>&1", "", shell.group(1)).split())
+        # Snakemake adds its log redirection, thread count and the report's selection (which
+        # --config may change); DVC runs the bare command, whose report reads params.yaml's.
+        cmd = " ".join(re.sub(r" --threads \d+| > \S+ 2>&1| --methods( [\w+]+)+ --seeds( \d+)+", "",
+                              shell.group(1)).split())
         jobs[cmd] = {"rule": rule, "outputs": set(fields["output"].split(", ")),
                      "inputs": set(fields.get("input", "").split(", ")) - {""}}
     return jobs
@@ -81,3 +83,12 @@ def test_snakemake_lint_is_clean(project):
     result = run(["snakemake", "--lint"], project, check=False)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "Congratulations" in result.stdout + result.stderr
+
+
+def test_the_report_follows_a_config_selection(project):
+    """`--config` may change which runs Snakemake makes; the report must show exactly those."""
+    out = run(["snakemake", "--dry-run", "--printshellcmds", "--forceall", "--config", "methods=[cbdm,cm+oc]",
+               "seeds=[0,2]", "theta_g_only=[cm+oc]"], project).stdout
+    report = next(line for line in out.splitlines() if "python -m cm report" in line)
+    assert "--methods cbdm cm+oc cm+oc_gonly --seeds 0 2" in report
+    assert "train/cm+oc/seed2/model.pt" in out and "train/cm+oc_gonly" not in out

@@ -17,6 +17,9 @@ rule report:
         ),
     params:
         settings=settings("report"),
+        # The selection, which --config may change (the stage would otherwise read params.yaml's).
+        methods=evaluated_methods(config),
+        seeds=config["seeds"],
     log:
         "logs/{experiment}/report.log",
     threads: 1
@@ -30,7 +33,7 @@ rule report:
         " --metrics-dir results/{wildcards.experiment}/metrics"
         " --samples-dir results/{wildcards.experiment}/samples --manifest {input.manifest}"
         " --evaluator-report {input.evaluator_report} --out-dir results/{wildcards.experiment}/report"
-        " --threads {threads} > {log} 2>&1"
+        " --methods {params.methods} --seeds {params.seeds} --threads {threads} > {log} 2>&1"
 
 
 # Outputs made by Snakemake are recorded in dvc.lock and the DVC cache, so `dvc status` is clean
