@@ -172,14 +172,14 @@ def cmd_report(args) -> None:
 
 def cmd_register_dvc(args) -> None:
     """Record outputs made by Snakemake in dvc.lock and the DVC cache (`dvc commit`)."""
+    from cm.pipeline import dvc_stage_names
+
     params = cfg.load_params(args.params)
     # dvc.yaml's stages follow params.yaml's run list, which `snakemake --config` does not change.
     missing = [name for name in args.experiments if name not in params["run"]]
     if missing:
         log.warning("%s not in params.yaml's run list, so dvc.yaml has no stages for them; their "
                     "outputs are not registered with DVC", ", ".join(missing))
-    from cm.pipeline import dvc_stage_names
-
     stages = [stage for name in args.experiments if name in params["run"]
               for stage in dvc_stage_names(params, name)]
     if stages:

@@ -46,8 +46,7 @@ class LowRankConv2d(nn.Module):
 
     def delta_weight(self) -> torch.Tensor:
         """The branch's weight update, shaped like ``base.weight`` (out, in, k, k)."""
-        delta = (self.B @ self.A).view(self.base.weight.shape)
-        return delta if self.scale == 1 else self.scale * delta
+        return self.scale * (self.B @ self.A).view(self.base.weight.shape)
 
     def merged_weight(self) -> torch.Tensor:
         """``W_g + delta_W`` (the weight the forward pass uses when enabled)."""

@@ -18,6 +18,12 @@ COLUMNS = ["fid", "kid", "fid_many", "fid_medium", "fid_few", "precision", "reca
 WITH_FLOOR = ["fid", "kid", "fid_many", "fid_medium", "fid_few"]
 
 
+def mean_std(values) -> tuple[float, float]:
+    """Mean and standard deviation over seeds (ddof=1; 0 for one seed)."""
+    values = np.asarray(values, dtype=float)
+    return float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else 0.0
+
+
 def summarise(runs: list[dict]) -> list[dict]:
     """One row per method: mean and standard deviation (ddof=1; 0 for one seed) of every column.
 
@@ -28,9 +34,7 @@ def summarise(runs: list[dict]) -> list[dict]:
         mine = [run for run in runs if run["method"] == method]
         row = {"method": method, "seeds": len(mine), "feature_extractor": mine[0]["metrics"]["feature_extractor"]}
         for col in COLUMNS:
-            values = np.array([run["metrics"][col] for run in mine], dtype=float)
-            row[col] = float(values.mean())
-            row[f"{col}_std"] = float(values.std(ddof=1)) if len(values) > 1 else 0.0
+            row[col], row[f"{col}_std"] = mean_std([run["metrics"][col] for run in mine])
             if col in WITH_FLOOR:
                 row[f"{col}_floor"] = float(np.mean([run["metrics"][f"{col}_floor"] for run in mine]))
         rows.append(row)
@@ -47,9 +51,8 @@ def per_class_rows(runs: list[dict], manifest: dict) -> list[dict]:
                "fid_floor": float(np.mean([run["metrics"]["per_class"]["fid_floor"][c] for run in runs]))}
         for method in methods:
             for key in ("fid", "acc"):
-                values = np.array([run["metrics"]["per_class"][key][c] for run in runs if run["method"] == method])
-                row[f"{method}.{key}"] = float(values.mean())
-                row[f"{method}.{key}_std"] = float(values.std(ddof=1)) if len(values) > 1 else 0.0
+                row[f"{method}.{key}"], row[f"{method}.{key}_std"] = mean_std(
+                    [run["metrics"]["per_class"][key][c] for run in runs if run["method"] == method])
         rows.append(row)
     return rows
 
