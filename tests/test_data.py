@@ -9,6 +9,8 @@ from cm.data import DataError, build_manifest, load_training_set
 from cm.data.profiles import exponential_counts, many_medium_few, profile_counts, select_long_tailed
 from tests.conftest import SHARED_CIFAR
 
+OFFICIAL_LABELS = SHARED_CIFAR.parent.parent / "cifar_labels" / "official_order.npz"
+
 # Published per-class counts (design section 4; Cao et al. 2019).
 CIFAR10_LT_100 = [5000, 2997, 1796, 1077, 645, 387, 232, 139, 83, 50]
 
@@ -53,6 +55,40 @@ def test_selection_keeps_first_n_of_a_per_class_permutation():
     idx = select_long_tailed(labels, [10, 4, 1], seed=3)
     assert np.bincount(labels[idx]).tolist() == [10, 4, 1]
     assert len(set(idx.tolist())) == len(idx)
+
+
+def public_split_indices(targets: np.ndarray, ratio: float, seed: int = 0) -> list[int]:
+    """LDAM-DRW's ImbalanceCIFAR (gen_imbalanced_data), written out independently: global legacy
+    seed once, then per class shuffle np.where(targets == c)[0] and keep the first n_c."""
+    classes = np.unique(targets)
+    n_max = len(targets) // len(classes)
+    counts = [int(n_max * (1 / ratio) ** (c / (len(classes) - 1))) for c in range(len(classes))]
+    state = np.random.get_state()
+    try:
+        np.random.seed(seed)
+        selected = []
+        for the_class, the_img_num in zip(classes, counts):
+            idx = np.where(targets == the_class)[0]
+            np.random.shuffle(idx)
+            selected.extend(idx[:the_img_num].tolist())
+    finally:
+        np.random.set_state(state)
+    return selected
+
+
+@pytest.mark.skipif(not OFFICIAL_LABELS.is_file(), reason=f"{OFFICIAL_LABELS} (CIFAR labels, official order) absent")
+@pytest.mark.parametrize("name, ratio, total", [
+    ("cifar10_train", 100, 12406), ("cifar10_train", 50, 13996),
+    ("cifar100_train", 100, 10847), ("cifar100_train", 50, 12608),
+])
+def test_paper_subsets_are_the_public_splits_image_for_image(tmp_path, name, ratio, total):
+    """On CIFAR's official order the manifest keeps exactly the images of the published splits."""
+    targets = np.load(OFFICIAL_LABELS)[name]
+    path = tmp_path / "labels_only.npz"  # one-pixel images: the selection depends on the labels alone
+    np.savez(path, images=np.zeros((len(targets), 1, 1, 3), np.uint8), labels=targets)
+    manifest = build_manifest({**digits(ratio=ratio), "source": "npz", "path": str(path)})
+    assert manifest["num_images"] == total
+    assert manifest["indices"] == public_split_indices(targets, ratio)
 
 
 def test_many_medium_few_are_thirds_by_count():

@@ -36,12 +36,17 @@ def build_manifest(data: dict) -> dict:
         counts = profile_counts(data, np.bincount(full.labels, minlength=full.num_classes))
     except ValueError as err:
         raise DataError(str(err)) from None
-    indices = select_long_tailed(full.labels, counts, data["seed"])
+    # `listed` draws nothing: it keeps every image, class by class in the source's order.
+    listed = data["profile"] == "listed"
+    if listed:
+        indices = np.argsort(full.labels, kind="stable")
+    else:
+        indices = select_long_tailed(full.labels, counts, data["seed"])
     return {
         "source": {"name": data["source"], **{key: data.get(key) for key in SOURCE_KEYS}},
         "profile": data["profile"],
         # `listed` keeps the source's own imbalance: record it rather than the unused setting.
-        "imbalance_ratio": max(counts) / min(counts) if data["profile"] == "listed" else data["imbalance_ratio"],
+        "imbalance_ratio": max(counts) / min(counts) if listed else data["imbalance_ratio"],
         "seed": data["seed"],
         "num_classes": full.num_classes,
         "class_names": full.class_names,

@@ -66,12 +66,17 @@ def profile_counts(data: dict, available: np.ndarray) -> list[int]:
 
 
 def select_long_tailed(labels: np.ndarray, counts: list[int], seed: int) -> np.ndarray:
-    """Indices of a long-tailed subset: the first n_c of a seeded permutation of each class."""
-    rng = np.random.default_rng(seed)
+    """Indices of a long-tailed subset, drawn exactly as the field's public splits are (LDAM-DRW's
+    `ImbalanceCIFAR`, reused by CBDM, OC and the released CM code): one legacy generator seeded
+    once, then for each class in order, shuffle its indices (in the source's order) and keep the
+    first n_c. The indices come out in that order, class by class, as those datasets hold them; on
+    CIFAR in its official order they are the published subsets' images."""
+    rng = np.random.RandomState(seed)  # the stream of np.random.seed(seed) + np.random.shuffle
     kept = []
     for c, n_c in enumerate(counts):
-        idx = np.flatnonzero(labels == c)
-        kept.append(np.sort(rng.permutation(idx)[:n_c]))
+        idx = np.flatnonzero(labels == c)  # np.where(targets == c)[0]
+        rng.shuffle(idx)
+        kept.append(idx[:n_c])
     return np.concatenate(kept)
 
 
