@@ -42,7 +42,7 @@ class LowRankConv2d(nn.Module):
         k, w = kh, base.weight
         self.A = nn.Parameter(w.new_empty(rank * k, base.in_channels * k))
         self.B = nn.Parameter(w.new_zeros(base.out_channels * k, rank * k))
-        nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
+        nn.init.kaiming_normal_(self.A, a=math.sqrt(5))  # as released (loralib draws it uniform)
 
     def delta_weight(self) -> torch.Tensor:
         """The branch's weight update, shaped like ``base.weight`` (out, in, k, k)."""

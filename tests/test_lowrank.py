@@ -224,3 +224,14 @@ def test_branch_scale_and_all_layers_merge_exactly():
         torch.testing.assert_close(target(x, t, y), wrapped(x, t, y), rtol=1e-10, atol=1e-10)
     with pytest.raises(ValueError, match="layers = 'encoder' is not allowed: one of decoder, all"):
         add_lowrank_branches(tiny(), 0.1, layers="encoder")
+
+
+def test_A_is_drawn_as_released_kaiming_normal():
+    """Released: kaiming_normal_(A, a=sqrt(5)), std = sqrt(2 / (1 + 5)) / sqrt(fan_in), fan_in = in * k;
+    normal, not the uniform of the same std (excess kurtosis 0, not -1.2)."""
+    torch.manual_seed(0)
+    conv = LowRankConv2d(nn.Conv2d(256, 256, 3, padding=1), rank=64)  # A: (192, 768)
+    a = conv.A.detach().double().flatten()
+    assert abs(a.std().item() / (1 / 3 / 768) ** 0.5 - 1) < 0.02
+    excess_kurtosis = ((a - a.mean()) ** 4).mean() / a.var() ** 2 - 3
+    assert abs(excess_kurtosis.item()) < 0.1

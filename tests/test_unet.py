@@ -81,3 +81,42 @@ def test_bad_image_size():
     # ddpm_cifar downsamples 3 times: 32 is fine, 12 is not divisible by 8.
     with pytest.raises(ValueError, match="divisible"):
         build_unet("ddpm_cifar", num_classes=10, in_channels=3, image_size=12)
+
+
+# The public code's initialisation (pytorch-ddpm's model.py, reused by CBDM, OC and the released
+# CM code): every Conv2d/Linear gets xavier_uniform_ and zero bias, then ResBlock.initialize
+# re-draws block2's conv with gain 1e-5 and UNet.initialize the output conv with gain 1e-5.
+# AttnBlock.initialize's gain 1e-5 on proj runs first and is overwritten by its parent ResBlock's
+# loop over self.modules(), so proj ends at gain 1. xavier_uniform_ draws U(-a, a) with
+# a = gain * sqrt(6 / (fan_in + fan_out)), std = gain * sqrt(2 / (fan_in + fan_out)),
+# fan = channels * k * k. Values for ddpm_cifar (stated, not computed from the model):
+PUBLIC_INIT_STD = {
+    "head": (3 * 9, 128 * 9, 1.0),                 # 0.04119
+    "time_mlp.0": (128, 512, 1.0),                 # 0.05590
+    "time_mlp.2": (512, 512, 1.0),                 # 0.04419
+    "tail.2": (128 * 9, 3 * 9, 1e-5),              # 4.119e-7
+    "middleblocks.0.attn.proj": (256, 256, 1.0),   # 0.0625 (not 6.25e-7)
+    "middleblocks.0.conv1": (256 * 9, 256 * 9, 1.0),
+    "middleblocks.0.conv2": (256 * 9, 256 * 9, 1e-5),
+    "downblocks.0.conv1": (128 * 9, 128 * 9, 1.0),  # 0.02946
+    "downblocks.3.conv1": (128 * 9, 256 * 9, 1.0),  # level 1: 128 -> 256, with attention
+    "downblocks.3.attn.proj": (256, 256, 1.0),
+    "upblocks.0.conv1": (512 * 9, 256 * 9, 1.0),    # decoder: concat of skip and path
+    "upblocks.0.skip": (512, 256, 1.0),
+    "upblocks.0.temb_proj": (512, 256, 1.0),
+}
+
+
+def test_initialisation_matches_the_public_code_per_module():
+    torch.manual_seed(0)
+    model = build_unet("ddpm_cifar", num_classes=10, in_channels=3, image_size=32)
+    modules = dict(model.named_modules())
+    for name, (fan_in, fan_out, gain) in PUBLIC_INIT_STD.items():
+        expected = gain * (2 / (fan_in + fan_out)) ** 0.5
+        std = modules[name].weight.double().std().item()
+        assert abs(std / expected - 1) < 0.02, (name, std, expected)
+        assert not modules[name].bias.any()
+    projections = [m.proj for m in model.modules() if type(m).__name__ == "AttnBlock"]
+    assert len(projections) == 6  # two encoder, three decoder and one middle block at 16x16
+    for proj in projections:
+        assert abs(proj.weight.std().item() / 0.0625 - 1) < 0.02

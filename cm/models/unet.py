@@ -192,8 +192,11 @@ class UNet(nn.Module):
         self._initialize()
 
     def _initialize(self) -> None:
-        # pytorch-ddpm init: xavier-uniform weights, zero biases, and residual
-        # branches / output conv scaled by 1e-5 so the net starts near identity.
+        # The public DDPM code's init (pytorch-ddpm, reused by CBDM, OC and the released CM code):
+        # xavier-uniform weights, zero biases, and gain 1e-5 on each residual block's second conv
+        # and on the output conv, so the net starts near identity. The attention block's own 1e-5
+        # gain on its output projection does not survive there: its parent residual block
+        # re-initialises every child conv afterwards, so it ends at gain 1, and so it does here.
         for m in self.modules():
             if isinstance(m, (nn.Conv2d, nn.Linear)):
                 nn.init.xavier_uniform_(m.weight)
@@ -201,8 +204,6 @@ class UNet(nn.Module):
         for m in self.modules():
             if isinstance(m, ResBlock):
                 nn.init.xavier_uniform_(m.conv2.weight, gain=1e-5)
-            elif isinstance(m, AttnBlock):
-                nn.init.xavier_uniform_(m.proj.weight, gain=1e-5)
         nn.init.xavier_uniform_(self.tail[-1].weight, gain=1e-5)
 
     def embed(self, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
