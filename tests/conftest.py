@@ -66,10 +66,8 @@ def run(cmd: list[str] | str, cwd: Path, *, check: bool = True, timeout: int = 6
     return result
 
 
-@pytest.fixture
-def project(tmp_path) -> Path:
-    """A git-initialised copy of the project's tracked files with tiny budgets in params.yaml."""
-    dest = tmp_path / "project"
+def copy_project(dest: Path) -> Path:
+    """A git-initialised copy of the project's tracked files at `dest`, tiny budgets in params.yaml."""
     files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT,
                            capture_output=True, text=True, check=True).stdout.split()
     for name in files:
@@ -83,3 +81,15 @@ def project(tmp_path) -> Path:
     run(git + ["add", "-A"], dest)
     run(git + ["commit", "-qm", "copy"], dest)
     return dest
+
+
+@pytest.fixture
+def project(tmp_path) -> Path:
+    """A fresh copy of the project for one test (see `copy_project`)."""
+    return copy_project(tmp_path / "project")
+
+
+@pytest.fixture(scope="module")
+def shared_project(tmp_path_factory) -> Path:
+    """One copy of the project for a module's tests that leave it as they found it."""
+    return copy_project(tmp_path_factory.mktemp("shared") / "project")

@@ -133,10 +133,14 @@ def test_each_mistake_ends_the_cli_in_one_line(tmp_path, raw, edit, key, value, 
     assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]  # nothing written
 
 
-@pytest.mark.parametrize("old, new, key", [
+# Duplicated keys, as (text to replace, replacement, the key named in the error).
+DUPLICATES = [
     ("seeds: [0]", "seeds: [0]\nseeds: [1]", "seeds"),
     ("experiments:\n", "experiments:\n  digits_lt: {data: {source: digits}, model: tiny}\n", "digits_lt"),
-])
+]
+
+
+@pytest.mark.parametrize("old, new, key", DUPLICATES)
 def test_duplicated_keys_and_experiment_names_are_refused(tmp_path, old, new, key):
     text = (ROOT / "params.yaml").read_text().replace(old, new, 1)
     (tmp_path / "params.yaml").write_text(text)

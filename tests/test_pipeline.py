@@ -13,7 +13,8 @@ import pytest
 import yaml
 
 from cm import io
-from tests.conftest import run
+from tests.conftest import ROOT, run
+from tests.test_config import DUPLICATES, MISTAKES
 
 pytestmark = pytest.mark.e2e
 STAGE_RUNS = {"prepare_data": 1, "train_evaluator": 1, "reference_features": 1, "train": 2, "merge": 2,
@@ -86,30 +87,49 @@ def test_dvc_repro_reproduces_the_pipeline(project):
     assert "fid" in metrics
 
 
-@pytest.mark.parametrize("edit, message", [
-    (lambda p: p["experiments"]["digits_lt"]["data"].update(imbalance_ratio=0.5),
-     "experiments.digits_lt.data.imbalance_ratio = 0.5 is not allowed: must be a number >= 1"),
-    (lambda p: p["method_params"]["cm"].update(rank_ratio=2), "method_params.cm.rank_ratio = 2"),
-    (lambda p: p.update(methods=["ddpm", "cbdn"]), "methods[1] = 'cbdn' is not allowed"),
-    (lambda p: p.update(methods=["cm+cm"]), "methods[0] = 'cm+cm' is not allowed"),
-    (lambda p: p.update(theta_g_only=["cm+oc"]), "theta_g_only[0] = 'cm+oc' is not allowed: must be one of methods"),
-    (lambda p: p.update(theta_g_only=["ddpm"]), "theta_g_only[0] = 'ddpm' is not allowed: it has no low-rank"),
-    (lambda p: p.update(run=["cifar"]), "run[0] = 'cifar' is not an experiment"),
-    (lambda p: p["experiments"]["digits_lt"].update(trian={}), "unknown key 'experiments.digits_lt.trian'"),
-])
-def test_bad_configuration_stops_snakemake_before_any_job(project, edit, message):
+# Every mistake of the CLI's catalogue (tests/test_config.py), and these that need the pipeline's
+# selection, must stop Snakemake at parse time: (edit, what the message says).
+SNAKEMAKE_MISTAKES = [(edit, (key, value, allowed)) for edit, key, value, allowed in MISTAKES] + [
+    (lambda p: p.update(theta_g_only=["cm+oc"]),
+     ("theta_g_only[0] = 'cm+oc' is not allowed: must be one of methods",)),
+    (lambda p: p.update(run=["cifar"]), ("run[0] = 'cifar' is not an experiment",)),
+    (lambda p: p["experiments"]["digits_lt"].update(trian={}), ("unknown key 'experiments.digits_lt.trian'",)),
+]
+
+
+def stops_before_any_job(project, params_text: str, expected: tuple[str, ...]) -> None:
+    """`snakemake --cores all` on `params_text` fails with every `expected` text, no traceback, and
+    writes nothing (an earlier result stays as it was); the project's params.yaml is restored."""
+    params_file = project / "params.yaml"
     sentinel = project / "results" / "digits_lt" / "data" / "manifest.json"
-    sentinel.parent.mkdir(parents=True)
+    sentinel.parent.mkdir(parents=True, exist_ok=True)
     sentinel.write_text("{}")
-    params = yaml.safe_load((project / "params.yaml").read_text())
-    edit(params)
-    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    result = run(["snakemake", "--cores", "all"], project, check=False)
+    good = params_file.read_text()
+    params_file.write_text(params_text)
+    try:
+        result = run(["snakemake", "--cores", "all"], project, check=False)
+    finally:
+        params_file.write_text(good)
     output = result.stdout + result.stderr
-    assert result.returncode != 0 and message in output, output
+    assert result.returncode != 0 and all(text in output for text in expected), output
     assert "Traceback" not in output
     assert sorted(p.name for p in (project / "results").rglob("*")) == ["data", "digits_lt", "manifest.json"]
     assert sentinel.read_text() == "{}" and not (project / "logs").exists()
+
+
+@pytest.mark.parametrize("edit, expected", SNAKEMAKE_MISTAKES)
+def test_bad_configuration_stops_snakemake_before_any_job(shared_project, edit, expected):
+    params = yaml.safe_load((shared_project / "params.yaml").read_text())
+    edit(params)
+    stops_before_any_job(shared_project, yaml.safe_dump(params, sort_keys=False), expected)
+
+
+@pytest.mark.parametrize("old, new, key", DUPLICATES)
+def test_duplicated_key_stops_snakemake_before_any_job(shared_project, old, new, key):
+    shipped = (ROOT / "params.yaml").read_text()  # its own formatting: the cases edit its text
+    text = shipped.replace(old, new, 1)
+    assert text != shipped
+    stops_before_any_job(shared_project, text, ("params.yaml: duplicated key", f"'{key}'"))
 
 
 def test_stage_error_is_one_line_and_writes_nothing(project):

@@ -9,7 +9,7 @@ from pathlib import Path
 from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
 
-from cm.config import ConfigError, check_params
+from cm.config import ConfigError, check_params, load_yaml
 from cm.method_names import MERGE_ONLY, evaluated_methods
 from cm.pipeline import CODE, stage_params
 from cm.runlock import FolderBusyError, claim
@@ -19,8 +19,11 @@ from cm.tracking import PIPELINE_ENV
 if isinstance(config.get("seeds"), list):
     config["seeds"] = [int(s) if isinstance(s, str) and s.isdigit() else s for s in config["seeds"]]
 
-# One clear message for a configuration mistake, before any job is scheduled.
+# One clear message for a configuration mistake, before any job is scheduled. Snakemake read the
+# files with plain YAML, which keeps the last of a duplicated key: read them again as the CLI does.
 try:
+    for configfile_path in workflow.configfiles:
+        load_yaml(configfile_path)
     config.update(check_params(config))
 except ConfigError as err:
     raise WorkflowError(str(err)) from None
