@@ -3,8 +3,12 @@ and the metrics of a generated set, overall, per class and many/medium/few, each
 noise floor.
 
 Two networks serve two purposes. The *feature extractor* (`evaluate.feature_extractor`: `local`,
-the classifier's penultimate layer, or clean-fid's `inception`) gives the space for FID, KID and
-precision/recall. The local *classifier* always gives the per-class accuracy of generated samples.
+the classifier's penultimate layer, or `inception` in clean-fid's mode `evaluate.fid_mode`) gives
+the space for FID, KID and precision/recall. The local *classifier* always gives the per-class
+accuracy of generated samples.
+
+Generated images are uint8, or float32 in [0, 1] when the sample stage did not quantise them
+(`sample.quantize: false`, as the papers fed their FID code); both networks take either.
 """
 
 from __future__ import annotations
@@ -45,19 +49,52 @@ def train_evaluator(*, experiment: dict, out: str | Path, report_out: str | Path
     return report
 
 
+def extractor_id(cfg: dict) -> str:
+    """Names the feature space in the files beside the features (reference statistics included):
+    `local`, or `inception/<fid_mode>/sha256=<first 16 hex digits of the mode's weights file>`, so
+    features of another network, preprocessing or weights are never compared by mistake."""
+    if cfg["feature_extractor"] == "local":
+        return "local"
+    from cm.metrics.inception import WEIGHTS  # load_inception accepts no other file for the mode
+
+    return f"inception/{cfg['fid_mode']}/sha256={WEIGHTS[cfg['fid_mode']].sha256[:16]}"
+
+
+def _check_generated(path, images: np.ndarray) -> None:
+    """Generated images are uint8 NHWC, or float in [0, 1]; anything else is refused in one line."""
+    ok = images.ndim == 4 and (images.dtype == np.uint8 or (
+        np.issubdtype(images.dtype, np.floating) and (images.size == 0 or (images.min() >= 0 and images.max() <= 1))))
+    if not ok:
+        low, high = (images.min(), images.max()) if images.size else (None, None)
+        raise io.CorruptFileError(f"{path}: images are {images.dtype} {images.shape} with values in [{low}, {high}]; "
+                                  "expected uint8 NHWC, or float in [0, 1] (sample.quantize: false)")
+
+
 def features(experiment: dict, classifier, images: np.ndarray,
-             device: str) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+             device: str) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, dict]:
     """Features in the configured extractor's space (extracted in batches), the local classifier's
-    predicted labels, and Inception's logits (None for the local extractor)."""
+    predicted labels, Inception's logits (None for the local extractor), and what made the features
+    (extractor, fid_mode, weights file and sha256; None where they do not apply)."""
     cfg = experiment["evaluate"]
     local_feats, pred = extract(classifier, images, device=device)
+    info = {"feature_extractor": cfg["feature_extractor"], "fid_mode": None, "inception_weights": None,
+            "inception_weights_sha256": None}
     if cfg["feature_extractor"] == "local":
-        return local_feats, pred, None
+        return local_feats, pred, None, info
     from cm.metrics.inception import inception_features, load_inception
 
-    extractor = load_inception(cfg["inception_weights"], device=device)  # never falls back silently
+    # Never falls back silently; refuses a file whose sha256 is not the mode's published one.
+    extractor = load_inception(cfg["inception_weights"], device=device, mode=cfg["fid_mode"])
     feats, logits = inception_features(extractor, images, device=device, logits=True)
-    return feats, pred, logits
+    info.update(fid_mode=extractor.fid_mode, inception_weights=Path(extractor.weights_file).name,
+                inception_weights_sha256=extractor.weights_sha256)
+    return feats, pred, logits, info
+
+
+def _provenance(info: dict) -> dict[str, np.ndarray]:
+    """The feature files' record of what made them (empty strings where nothing applies)."""
+    return {"fid_mode": np.array(info["fid_mode"] or ""),
+            "weights_sha256": np.array(info["inception_weights_sha256"] or "")}
 
 
 def reference_features(*, experiment: dict, evaluator: str | Path, out: str | Path, stats_out: str | Path,
@@ -68,10 +105,10 @@ def reference_features(*, experiment: dict, evaluator: str | Path, out: str | Pa
     cfg, data = experiment["evaluate"], experiment["data"]
     full = load_reference(data)
     classifier, _ = load_feature_net(evaluator)
-    feats, pred, _ = features(experiment, classifier, full.images, device)
+    feats, pred, _, info = features(experiment, classifier, full.images, device)
     io.save_npz(out, features=feats, labels=full.labels, predictions=pred,
-                extractor=np.array(cfg["feature_extractor"]), dataset=np.array(dataset_id(data)))
-    ReferenceStats.from_features(feats, full.labels, full.num_classes, extractor=cfg["feature_extractor"],
+                extractor=np.array(extractor_id(cfg)), dataset=np.array(dataset_id(data)), **_provenance(info))
+    ReferenceStats.from_features(feats, full.labels, full.num_classes, extractor=extractor_id(cfg),
                                  dataset=dataset_id(data)).save(stats_out)
     return {"num_images": int(len(full.labels)), "feature_dim": int(feats.shape[1])}
 
@@ -109,17 +146,18 @@ def evaluate(*, samples: str | Path, evaluator: str | Path, reference: str | Pat
     again."""
     cfg, data = experiment["evaluate"], experiment["data"]
     gen = io.load_npz(samples, required=("images", "labels"))
+    _check_generated(samples, gen["images"])
     ref = io.load_npz(reference, required=("features", "labels", "extractor", "dataset"))
-    for key, expected in (("extractor", cfg["feature_extractor"]), ("dataset", dataset_id(data))):
+    for key, expected in (("extractor", extractor_id(cfg)), ("dataset", dataset_id(data))):
         if str(ref[key]) != expected:
             raise io.CorruptFileError(f"{reference}: features of {key} {str(ref[key])!r}, this experiment "
                                       f"needs {expected!r}; run reference_features again")
-    ref_stats = ReferenceStats.load(stats, extractor=cfg["feature_extractor"], dataset=dataset_id(data))
+    ref_stats = ReferenceStats.load(stats, extractor=extractor_id(cfg), dataset=dataset_id(data))
     classifier, _ = load_feature_net(evaluator)
-    feats, pred, logits = features(experiment, classifier, gen["images"], device)
+    feats, pred, logits, info = features(experiment, classifier, gen["images"], device)
     labels, num_classes, splits = gen["labels"], manifest["num_classes"], manifest["splits"]
     io.save_npz(features_out, features=feats, labels=labels, predictions=pred,
-                extractor=np.array(cfg["feature_extractor"]), dataset=np.array(dataset_id(data)))
+                extractor=np.array(extractor_id(cfg)), dataset=np.array(dataset_id(data)), **_provenance(info))
 
     measured = distances_between(feats, labels, ref["features"], ref_stats, splits, cfg)
     floor = noise_floor(ref["features"], ref["labels"], labels, num_classes, splits, cfg)
@@ -127,7 +165,8 @@ def evaluate(*, samples: str | Path, evaluator: str | Path, reference: str | Pat
     per_class = {"fid": measured.pop("fid_per_class"), "fid_floor": floor.pop("fid_per_class"),
                  "acc": accuracy, "train_count": manifest["class_counts"]}
     metrics = {
-        "feature_extractor": cfg["feature_extractor"],
+        **info,  # feature_extractor, fid_mode, inception_weights, inception_weights_sha256
+        "generated_dtype": str(gen["images"].dtype),  # uint8, or float32 when sampling did not quantise
         "num_generated": int(len(labels)),
         "num_reference": int(len(ref["labels"])),
         **measured,

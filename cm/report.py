@@ -11,11 +11,45 @@ import numpy as np
 
 from cm import io
 from cm.data.profiles import head_to_tail
+from cm.errors import DataError
 
 COLUMNS = ["fid", "kid", "fid_many", "fid_medium", "fid_few", "precision", "recall",
            "acc", "acc_many", "acc_medium", "acc_few"]
 # Distances whose real-versus-real floor the report prints beside them.
 WITH_FLOOR = ["fid", "kid", "fid_many", "fid_medium", "fid_few"]
+
+
+# What each clean-fid mode of the `inception` extractor is, for the table captions.
+FID_MODES = {
+    "clean": "clean-fid's TorchScript Inception-v3, PIL bicubic resize to 299",
+    "legacy_pytorch": "pytorch-fid's TF-ported Inception-v3, bilinear resize to 299, as CBDM, OC and CM computed FID",
+}
+# The metrics that say what made the features; every run of one table must agree on them.
+FEATURE_SPACE = ["feature_extractor", "fid_mode", "inception_weights", "inception_weights_sha256", "generated_dtype"]
+
+
+def feature_space(metrics: dict) -> dict:
+    """Extractor, fid_mode, weights file and hash, and the generated images' dtype of an evaluate
+    stage's metrics (None where they do not apply). Metrics written before these were recorded
+    came from clean-fid's mode `clean` on uint8 samples, the only ones there were."""
+    inception = metrics["feature_extractor"] == "inception"
+    return {"feature_extractor": metrics["feature_extractor"],
+            "fid_mode": metrics.get("fid_mode", "clean" if inception else None),
+            "inception_weights": metrics.get("inception_weights"),
+            "inception_weights_sha256": metrics.get("inception_weights_sha256"),
+            "generated_dtype": metrics.get("generated_dtype", "uint8")}
+
+
+def describe_features(row: dict) -> str:
+    """The caption's words for a feature space (a summary row, or one run's metrics): extractor,
+    for Inception its mode and weights, and what the generated images were fed as."""
+    space = feature_space(row)
+    text = f"`{space['feature_extractor']}` extractor"
+    if space["feature_extractor"] == "inception":
+        mode, sha = space["fid_mode"], space["inception_weights_sha256"]
+        text += f", fid_mode `{mode}` ({FID_MODES.get(mode, mode)}; weights `{space['inception_weights']}`"
+        text += f", sha256 `{sha[:16]}...`)" if sha else ", hash not recorded)"
+    return text + f"; generated images fed as {space['generated_dtype']}"
 
 
 def mean_std(values) -> tuple[float, float]:
@@ -29,10 +63,16 @@ def summarise(runs: list[dict]) -> list[dict]:
 
     `runs` holds dicts with keys method, seed and metrics (an evaluate stage's JSON).
     """
+    spaces = {tuple(feature_space(run["metrics"]).values()): run for run in runs}
+    if len(spaces) > 1:  # numbers of two feature spaces are never mixed in one table
+        (a, ra), (b, rb) = list(spaces.items())[:2]
+        raise DataError(f"metrics of {ra['method']} seed {ra['seed']} and {rb['method']} seed {rb['seed']} come "
+                         f"from different feature spaces ({', '.join(FEATURE_SPACE)}: {a} vs {b}); "
+                         "evaluate them again with one setting")
     rows = []
     for method in dict.fromkeys(run["method"] for run in runs):
         mine = [run for run in runs if run["method"] == method]
-        row = {"method": method, "seeds": len(mine), "feature_extractor": mine[0]["metrics"]["feature_extractor"]}
+        row = {"method": method, "seeds": len(mine), **feature_space(mine[0]["metrics"])}
         for col in COLUMNS:
             row[col], row[f"{col}_std"] = mean_std([run["metrics"][col] for run in mine])
             if col in WITH_FLOOR:
@@ -66,7 +106,8 @@ def to_csv(rows: list[dict]) -> str:
 
 
 def to_markdown(rows: list[dict], *, experiment: str, manifest: dict, evaluator: dict) -> str:
-    """The summary table with what produced it: feature extractor, data, class split."""
+    """The summary table with what produced it: feature extractor (for Inception its fid_mode and
+    weights), data, class split."""
     def cell(row, col):
         digits = 4 if col.startswith("kid") else (2 if col.startswith("fid") else 3)
         text = f"{row[col]:.{digits}f}"
@@ -76,8 +117,8 @@ def to_markdown(rows: list[dict], *, experiment: str, manifest: dict, evaluator:
     lines = [
         f"# {experiment}: summary",
         "",
-        f"Features: `{rows[0]['feature_extractor']}` extractor (test accuracy on real data "
-        f"{evaluator.get('test_accuracy', float('nan')):.3f}). FID/KID: lower is better; precision/recall "
+        f"Features: {describe_features(rows[0])}. Local classifier's test accuracy on real data "
+        f"{evaluator.get('test_accuracy', float('nan')):.3f}. FID/KID: lower is better; precision/recall "
         "(k-NN, Kynkaanniemi et al.) and acc (the local classifier's accuracy on generated samples): "
         "higher is better. Mean ± std over seeds.",
         f"Training set: {manifest['source']['name']}, {manifest['profile']} profile, imbalance ratio "
@@ -149,6 +190,9 @@ def write_report(*, experiment: str, runs: list[dict], samples: dict[str, str], 
                                                        evaluator=evaluator))
     for method, path in samples.items():
         arrays = io.load_npz(path, required=("images", "labels"))
-        sample_grid(arrays["images"], arrays["labels"], manifest, out_dir / "grids" / f"{method}.png",
+        images = arrays["images"]
+        if images.dtype != np.uint8:  # unquantised samples (sample.quantize: false) are float in [0, 1]
+            images = np.rint(np.clip(images, 0, 1) * 255).astype(np.uint8)
+        sample_grid(images, arrays["labels"], manifest, out_dir / "grids" / f"{method}.png",
                     title=f"{experiment}: {method} (rows: classes, head to tail; training count)")
     return rows

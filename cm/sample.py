@@ -3,6 +3,9 @@
 Batches are written to a `partial/` folder beside the output as they finish, under a key of the
 model file and the sampling settings, so a killed job resumes at the first missing batch (no
 batch generated twice, none missing); the folder is removed once the output is complete.
+
+Images are stored as uint8 (`sample.quantize: true`, rounded as an image file holds them) or as
+float32 in [0, 1] (`false`: the sampler's output unrounded, as CBDM, OC and CM fed their FID code).
 """
 
 from __future__ import annotations
@@ -22,6 +25,12 @@ from cm.data.images import to_uint8
 from cm.diffusion import GaussianDiffusion
 from cm.merge import load_merged
 from cm.train import resolve_device
+
+
+def to_unit_float(x: torch.Tensor) -> np.ndarray:
+    """float (N, C, H, W) in [-1, 1] -> float32 (N, H, W, C) in [0, 1], clipped but not rounded."""
+    x = ((x.detach().float().cpu() + 1.0) / 2.0).clamp(0, 1)
+    return x.permute(0, 2, 3, 1).contiguous().numpy()
 
 
 def balanced_labels(num_classes: int, per_class: int) -> np.ndarray:
@@ -52,7 +61,8 @@ def _finished_batch(path: Path, labels: np.ndarray) -> np.ndarray | None:
 
 def sample(*, merged_path: str | Path, out: str | Path, experiment: dict, seed: int,
            device: str = "auto", progress: bool = True) -> dict:
-    """Generate `per_class` images of every class and write them (uint8 NHWC + labels) to `out`."""
+    """Generate `per_class` images of every class and write them (NHWC, uint8 or with
+    `sample.quantize: false` float32 in [0, 1]; and labels) to `out`."""
     cfg = experiment["sample"]
     dev = resolve_device(device)
     net, meta = load_merged(merged_path)
@@ -77,7 +87,7 @@ def sample(*, merged_path: str | Path, out: str | Path, experiment: dict, seed: 
             gen = torch.Generator(device=dev).manual_seed(seed * 1_000_003 + batch_index)
             x = diffusion.sample(net, y, (len(y), *shape), sampler=cfg["sampler"], steps=cfg["steps"],
                                  guidance=cfg["guidance"], generator=gen)
-            images = to_uint8(x)
+            images = to_uint8(x) if cfg["quantize"] else to_unit_float(x)
             io.save_npz(chunk, images=images, labels=batch_labels)
         else:
             resumed += 1

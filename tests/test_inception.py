@@ -4,7 +4,8 @@ The real weights cannot be downloaded on the test machines, so the loading tests
 missing/corrupt paths only, and ``inception_features`` runs with a small stand-in module in
 place of the network. That stub is the only one in this file: it checks the input it receives
 (float32 NCHW 299x299 in [0, 255]) and maps it to features deterministically, which is all the
-preprocessing and batching code depends on.
+preprocessing and batching code depends on. The two fid_modes' resizes against independent
+computations on real images, the hash checks and pytorch-fid's network are in test_fid_modes.py.
 """
 
 import numpy as np
@@ -67,8 +68,14 @@ def test_grayscale_and_logits(images):
     np.testing.assert_allclose(logits, want, rtol=1e-5, atol=1e-3)  # float32 network
     with pytest.raises(ValueError, match="base.output"):
         inception_features(nn.Identity(), images, logits=True)
-    with pytest.raises(ValueError, match="uint8"):
-        inception_features(net, images.astype(np.float32))
+    with pytest.raises(ValueError, match=r"float images must lie in \[0, 1\]"):
+        inception_features(net, images.astype(np.float32))  # 0..255 as floats: not the unit range
+    with pytest.raises(ValueError, match="uint8 or float"):
+        inception_features(net, images.astype(np.int16))
+    nan = images / 255.0
+    nan[0, 0, 0, 0] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        inception_features(net, nan)
 
 
 def test_missing_weights_say_how_to_get_them(tmp_path, monkeypatch):
@@ -82,6 +89,22 @@ def test_missing_weights_say_how_to_get_them(tmp_path, monkeypatch):
         load_inception(tmp_path / "missing.pt")
     with pytest.raises(FileNotFoundError, match=f"{tmp_path}/{inception.WEIGHTS_NAME} does not exist"):
         load_inception(tmp_path)  # a folder without the file
+
+
+def test_missing_legacy_weights_say_how_to_get_them(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "hub_home"))  # pytorch-fid's place: torch hub's checkpoints
+    expected = tmp_path / "hub_home" / "hub" / "checkpoints" / "pt_inception-2015-12-05-6726825d.pth"
+    assert inception.default_location("legacy_pytorch") == expected
+    with pytest.raises(FileNotFoundError) as err:
+        load_inception(None, mode="legacy_pytorch")
+    msg = str(err.value)
+    assert "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/" in msg
+    assert "6726825d0af5f729cebd5821db510b11b1cfad8faad88a03f1befd49fb9129b2" in msg
+    assert str(expected) in msg and "evaluate.fid_mode legacy_pytorch" in msg and "\n" not in msg
+    with pytest.raises(FileNotFoundError, match="pt_inception-2015-12-05-6726825d.pth does not exist"):
+        load_inception(tmp_path, mode="legacy_pytorch")  # a folder without the mode's file
+    with pytest.raises(ValueError, match="evaluate.fid_mode = 'legacy_tensorflow' is not allowed"):
+        load_inception(tmp_path, mode="legacy_tensorflow")
 
 
 @pytest.mark.filterwarnings("ignore:`torch.jit.:FutureWarning")

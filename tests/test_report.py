@@ -32,7 +32,9 @@ def test_summary_mean_and_std_over_seeds():
     text = to_markdown(rows, experiment="x", manifest=manifest, evaluator={"test_accuracy": 0.9})
     assert "`local` extractor" in text and "| ddpm | 3 | 2.33 ± 1.53 |" in text
     assert "| *real vs real (floor)* | | 0.50 | 0.5000 |" in text
-    assert to_csv(rows).splitlines()[0].startswith("method,seeds,feature_extractor,fid,fid_std,fid_floor")
+    assert to_csv(rows).splitlines()[0].startswith(
+        "method,seeds,feature_extractor,fid_mode,inception_weights,inception_weights_sha256,generated_dtype,"
+        "fid,fid_std,fid_floor")
 
 
 def test_grid_has_a_row_per_class_head_first(tmp_path):

@@ -17,8 +17,9 @@ def scale(x: torch.Tensor) -> torch.Tensor:
 
 
 def to_model_range(images: np.ndarray) -> torch.Tensor:
-    """uint8 (N, H, W, C) -> float32 (N, C, H, W) scaled to [-1, 1]."""
-    return scale(to_nchw(images))
+    """uint8 (N, H, W, C), or float in [0, 1] (unquantised samples) -> float32 (N, C, H, W) in [-1, 1]."""
+    x = to_nchw(images)
+    return scale(x) if x.dtype == torch.uint8 else x.float() * 2 - 1
 
 
 def to_uint8(x: torch.Tensor) -> np.ndarray:

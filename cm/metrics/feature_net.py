@@ -154,17 +154,18 @@ def train_feature_net(
 
 @torch.no_grad()
 def extract(
-    model: FeatureNet, images_uint8: np.ndarray, *, batch_size: int = 512, device: str = "cpu"
+    model: FeatureNet, images: np.ndarray, *, batch_size: int = 512, device: str = "cpu"
 ) -> tuple[np.ndarray, np.ndarray]:
-    """uint8 (N, H, W, C) -> (features float64 (N, D), predicted labels int64 (N,)), in eval mode."""
-    images_uint8 = np.asarray(images_uint8)
-    if images_uint8.ndim != 4 or images_uint8.dtype != np.uint8:
-        raise ValueError(f"images must be uint8 (N, H, W, C), got {images_uint8.dtype} {images_uint8.shape}")
+    """uint8 (N, H, W, C), or float in [0, 1] (unquantised samples) -> (features float64 (N, D),
+    predicted labels int64 (N,)), in eval mode."""
+    images = np.asarray(images)
+    if images.ndim != 4 or not (images.dtype == np.uint8 or np.issubdtype(images.dtype, np.floating)):
+        raise ValueError(f"images must be uint8 or float (N, H, W, C), got {images.dtype} {images.shape}")
     was_training = model.training
     model.eval().to(device)
     feats, preds = [], []
-    for i in range(0, len(images_uint8), batch_size):
-        f = model.features(to_model_range(images_uint8[i : i + batch_size]).to(device))  # (B, D)
+    for i in range(0, len(images), batch_size):
+        f = model.features(to_model_range(images[i : i + batch_size]).to(device))  # (B, D)
         feats.append(f.double().cpu().numpy())
         preds.append(model.head(f).argmax(1).cpu().numpy())
     model.train(was_training)
