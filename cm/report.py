@@ -105,6 +105,13 @@ def to_csv(rows: list[dict]) -> str:
     return buffer.getvalue()
 
 
+def experiment_metrics(rows: list[dict]) -> dict:
+    """The experiment's metrics for DVC, keyed by method whatever the seeds: {method: {column: mean
+    over seeds, column_std, ..., seeds}}, so `dvc exp show` lines up experiments run with other seeds."""
+    return {row["method"]: {"seeds": row["seeds"], **{key: row[key] for col in COLUMNS for key in (col, f"{col}_std")}}
+            for row in rows}
+
+
 def to_markdown(rows: list[dict], *, experiment: str, manifest: dict, evaluator: dict) -> str:
     """The summary table with what produced it: feature extractor (for Inception its fid_mode and
     weights), data, class split."""
@@ -181,10 +188,11 @@ def sample_grid(images: np.ndarray, labels: np.ndarray, manifest: dict, path: Pa
 
 def write_report(*, experiment: str, runs: list[dict], samples: dict[str, str], manifest: dict,
                  evaluator: dict, out_dir: str | Path) -> list[dict]:
-    """summary.csv, per_class.csv, summary.md and grids/<method>.png under `out_dir`."""
+    """summary.csv, per_class.csv, summary.md, metrics.json and grids/<method>.png under `out_dir`."""
     out_dir = Path(out_dir)
     rows = summarise(runs)
     io.write_text(out_dir / "summary.csv", to_csv(rows))
+    io.write_json(out_dir / "metrics.json", experiment_metrics(rows))
     io.write_text(out_dir / "per_class.csv", to_csv(per_class_rows(runs, manifest)))
     io.write_text(out_dir / "summary.md", to_markdown(rows, experiment=experiment, manifest=manifest,
                                                        evaluator=evaluator))

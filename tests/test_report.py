@@ -9,7 +9,17 @@ import numpy as np
 import pytest
 
 from cm.data.profiles import head_to_tail
-from cm.report import COLUMNS, WITH_FLOOR, grid_canvas, per_class_rows, sample_grid, summarise, to_csv, to_markdown
+from cm.report import (
+    COLUMNS,
+    WITH_FLOOR,
+    experiment_metrics,
+    grid_canvas,
+    per_class_rows,
+    sample_grid,
+    summarise,
+    to_csv,
+    to_markdown,
+)
 
 
 def fake_metrics(value):
@@ -35,6 +45,11 @@ def test_summary_mean_and_std_over_seeds():
     assert to_csv(rows).splitlines()[0].startswith(
         "method,seeds,feature_extractor,fid_mode,inception_weights,inception_weights_sha256,generated_dtype,"
         "fid,fid_std,fid_floor")
+    # DVC's metrics: keyed by method and column, never by seed, so experiments with other seeds line up.
+    metrics = experiment_metrics(rows)
+    assert list(metrics) == ["ddpm", "cm"] and metrics["cm"]["seeds"] == 1
+    assert metrics["ddpm"]["fid"] == statistics.mean([1.0, 2.0, 4.0]) and "fid_floor" not in metrics["ddpm"]
+    assert set(metrics["ddpm"]) == {"seeds", *COLUMNS, *(f"{c}_std" for c in COLUMNS)}
 
 
 def test_grid_has_a_row_per_class_head_first(tmp_path):
