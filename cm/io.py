@@ -9,7 +9,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import tempfile
+import secrets
+import zipfile
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -23,9 +24,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp)
+    tmp = _new_file_beside(path)
     try:
         yield tmp
         with open(tmp, "rb+") as fh:  # on disk before it gets its final name
@@ -33,6 +32,19 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _new_file_beside(path: Path) -> Path:
+    """Create an empty file with a fresh hidden name beside `path`, with mode 0666 less the umask:
+    the mode a plain open() gives. (mkstemp's 0600 would survive the rename onto `path`.)"""
+    for _ in range(100):
+        tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+        try:
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+        except FileExistsError:
+            continue
+        return tmp
+    raise FileExistsError(f"{path.parent}: no free temporary name for {path.name}")
 
 
 def write_json(path: str | Path, obj: Any) -> None:
@@ -54,10 +66,19 @@ def write_text(path: str | Path, text: str) -> None:
         tmp.write_text(text)
 
 
+# np.savez stamps each member with the current time, so the same arrays would give other bytes;
+# DVC hashes outputs, and a recomputed result must hash the same.
+_ZIP_TIME = (1980, 1, 1, 0, 0, 0)
+
+
 def save_npz(path: str | Path, **arrays: np.ndarray) -> None:
-    with atomic_path(path) as tmp:
-        with tmp.open("wb") as fh:
-            np.savez_compressed(fh, **arrays)
+    """A compressed .npz (as np.savez_compressed, no pickles), byte-identical for identical arrays."""
+    with atomic_path(path) as tmp, zipfile.ZipFile(tmp, "w") as archive:
+        for key, value in arrays.items():
+            member = zipfile.ZipInfo(f"{key}.npy", date_time=_ZIP_TIME)
+            member.compress_type = zipfile.ZIP_DEFLATED
+            with archive.open(member, "w", force_zip64=True) as fh:
+                np.lib.format.write_array(fh, np.asanyarray(value), allow_pickle=False)
 
 
 def load_npz(path: str | Path, required: tuple[str, ...] = ()) -> dict[str, np.ndarray]:
@@ -78,8 +99,10 @@ def load_npz(path: str | Path, required: tuple[str, ...] = ()) -> dict[str, np.n
 def save_torch(path: str | Path, obj: Any) -> None:
     import torch
 
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+    # Through a handle: given a path, torch.save names the archive's root folder after the
+    # (temporary, random) file name, so the same weights would give other bytes.
+    with atomic_path(path) as tmp, tmp.open("wb") as fh:
+        torch.save(obj, fh)
 
 
 def load_torch(path: str | Path) -> Any:
