@@ -17,21 +17,57 @@ from pathlib import Path
 from cm import config as cfg
 from cm import io
 from cm.errors import USER_ERRORS, ConfigError, DataError
+from cm.pipeline import RESOURCES, THREAD_DEPENDENT, threads_key
 
 log = logging.getLogger("cm")
 
+# What BLAS and OpenMP libraries loaded later in the process (scipy's own BLAS) read at load time.
+_THREAD_ENV = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "GOTO_NUM_THREADS",
+               "VECLIB_MAXIMUM_THREADS", "NUMEXPR_NUM_THREADS")
+# Stages that pick up where a killed run stopped (training checkpoints, finished sample batches).
+_RESUMES = ("train", "sample")
+
 
 def _setup(args, *, uses_torch: bool = True) -> tuple[dict, dict]:
-    """Validate params.yaml, resolve the experiment (and method), pin torch's thread count."""
+    """Validate params.yaml, resolve the experiment (and method), pin the thread count."""
     params = cfg.load_params(args.params)
     experiment = cfg.experiment(params, args.experiment)
     if getattr(args, "method", None) is not None:
         cfg.check_method(args.method, trained=args.stage == "train")
+    _pin_threads(args, params, uses_torch=uses_torch)
+    return params, experiment
+
+
+def stage_threads(args, params: dict) -> int:
+    """The thread count a stage computes with: params.yaml's for it, unless --threads overrides it."""
+    stage = args.stage.replace("-", "_")
+    key = threads_key(stage)
+    configured = params["resources"][RESOURCES[stage]]["threads"]
+    threads = configured if args.threads is None else args.threads
+    if threads < 1:
+        raise ConfigError(f"--threads = {threads} is not allowed: must be an integer >= 1")
+    if threads != configured and stage in THREAD_DEPENDENT:
+        log.warning("--threads %d differs from params.yaml's %s = %d, which Snakemake, DVC and dvc.lock use: "
+                    "this run's numbers will not match theirs bit for bit; drop --threads to match them, or "
+                    "set %s in params.yaml to change it for every orchestrator", threads, key, configured, key)
+    return threads
+
+
+def _pin_threads(args, params: dict, *, uses_torch: bool) -> None:
+    """Compute with the stage's thread count in torch, BLAS and OpenMP, whatever the machine or scheduler."""
+    threads = stage_threads(args, params)
+    allotted = os.environ.get("OMP_NUM_THREADS")  # Snakemake sets it to the cores it granted the job
+    if allotted is not None and allotted != str(threads):
+        log.info("OMP_NUM_THREADS=%s ignored: computing with %s = %d, so that the numbers do not depend on "
+                 "the scheduler's allotment", allotted, threads_key(args.stage.replace("-", "_")), threads)
+    os.environ.update({var: str(threads) for var in _THREAD_ENV})
+    from threadpoolctl import threadpool_limits
+
+    threadpool_limits(limits=threads)  # BLAS/OpenMP already loaded (numpy's)
     if uses_torch:
         import torch
 
-        torch.set_num_threads(args.threads)
-    return params, experiment
+        torch.set_num_threads(threads)
 
 
 def _progress() -> bool:
@@ -46,128 +82,132 @@ def cmd_check(args) -> None:
 
 def cmd_prepare_data(args) -> None:
     from cm.data import build_manifest
-    from cm.tracking import log_stage
+    from cm.tracking import stage_run
 
     params, experiment = _setup(args, uses_torch=False)
-    try:
-        manifest = build_manifest(experiment["data"])
-    except DataError as err:
-        raise ConfigError(f"experiments.{args.experiment}.data: {err}") from None
-    io.write_json(args.out, manifest)
-    log.info("%s: %d images, per-class counts %s", args.out, manifest["num_images"], manifest["class_counts"])
-    log_stage(params["tracking"], stage="prepare_data", experiment=args.experiment,
-              params={"data": experiment["data"]},
-              metrics={"num_images": manifest["num_images"], "num_classes": manifest["num_classes"]},
-              artifacts=[args.out])
+    with stage_run(params["tracking"], stage="prepare_data", experiment=args.experiment,
+                   params={"data": experiment["data"]}) as run:
+        try:
+            manifest = build_manifest(experiment["data"])
+        except DataError as err:
+            raise ConfigError(f"experiments.{args.experiment}.data: {err}") from None
+        io.write_json(args.out, manifest)
+        log.info("%s: %d images, per-class counts %s", args.out, manifest["num_images"], manifest["class_counts"])
+        run.log(metrics={"num_images": manifest["num_images"], "num_classes": manifest["num_classes"]},
+                artifacts=[args.out])
 
 
 def cmd_train_evaluator(args) -> None:
     from cm.evaluate import train_evaluator
-    from cm.tracking import log_stage
+    from cm.tracking import stage_run
 
     params, experiment = _setup(args)
-    report = train_evaluator(experiment=experiment, out=args.out, report_out=args.report,
-                             device=_device(params), progress=_progress())
-    log.info("local feature network: test accuracy %.4f", report["test_accuracy"])
-    log_stage(params["tracking"], stage="train_evaluator", experiment=args.experiment,
-              params=experiment["evaluate"], metrics=report, artifacts=[args.report])
+    with stage_run(params["tracking"], stage="train_evaluator", experiment=args.experiment,
+                   params=experiment["evaluate"]) as run:
+        report = train_evaluator(experiment=experiment, out=args.out, report_out=args.report,
+                                 device=_device(params), progress=_progress())
+        log.info("local feature network: test accuracy %.4f", report["test_accuracy"])
+        run.log(metrics=report, artifacts=[args.report])
 
 
 def cmd_reference_features(args) -> None:
     from cm.evaluate import reference_features
-    from cm.tracking import log_stage
+    from cm.tracking import stage_run
 
     params, experiment = _setup(args)
-    info = reference_features(experiment=experiment, evaluator=args.evaluator, out=args.out,
-                              stats_out=args.stats_out, device=_device(params))
-    log_stage(params["tracking"], stage="reference_features", experiment=args.experiment, metrics=info)
+    with stage_run(params["tracking"], stage="reference_features", experiment=args.experiment) as run:
+        info = reference_features(experiment=experiment, evaluator=args.evaluator, out=args.out,
+                                  stats_out=args.stats_out, device=_device(params))
+        run.log(metrics=info)
 
 
 def cmd_train(args) -> None:
     from cm.method_names import param_sections
-    from cm.tracking import log_stage
+    from cm.tracking import stage_run
     from cm.train import train
 
     params, experiment = _setup(args)
-    manifest = io.read_json(args.manifest)
     method_params = params["method_params"]
-    summary = train(manifest=manifest, experiment=experiment, method_name=args.method,
-                    method_params=method_params, seed=args.seed, out=Path(args.out),
-                    checkpoint_root=Path(args.checkpoints), history_out=Path(args.history),
-                    device=_device(params), progress=_progress())
-    history = summary.pop("history")
-    log.info("trained %s seed %d: %s", args.method, args.seed, summary)
-    log_stage(params["tracking"], stage="train", experiment=args.experiment, method=args.method,
-              seed=args.seed, params={"model": experiment["model"], "train": experiment["train"],
-                                      "diffusion": experiment["diffusion"],
-                                      "method": {s: method_params[s] for s in param_sections(args.method)}},
-              metrics=summary, history=history, artifacts=[args.history])
+    tracked = {"model": experiment["model"], "train": experiment["train"], "diffusion": experiment["diffusion"],
+               "method": {s: method_params[s] for s in param_sections(args.method)}}
+    with stage_run(params["tracking"], stage="train", experiment=args.experiment, method=args.method,
+                   seed=args.seed, params=tracked) as run:
+        manifest = io.read_json(args.manifest)
+        summary = train(manifest=manifest, experiment=experiment, method_name=args.method,
+                        method_params=method_params, seed=args.seed, out=Path(args.out),
+                        checkpoint_root=Path(args.checkpoints), history_out=Path(args.history),
+                        device=_device(params), progress=_progress())
+        history = summary.pop("history")
+        log.info("trained %s seed %d: %s", args.method, args.seed, summary)
+        run.log(metrics=summary, history=history, artifacts=[args.history])
 
 
 def cmd_merge(args) -> None:
     from cm.merge import merge
     from cm.method_names import MERGE_ONLY
-    from cm.tracking import log_stage
+    from cm.tracking import stage_run
 
     params, _ = _setup(args)
-    report = merge(args.model, args.out, drop_branches=args.method in MERGE_ONLY)
-    log.info("merged %s -> %s: %s", args.model, args.out, report)
-    log_stage(params["tracking"], stage="merge", experiment=args.experiment, method=args.method,
-              seed=args.seed, metrics=report)
+    with stage_run(params["tracking"], stage="merge", experiment=args.experiment, method=args.method,
+                   seed=args.seed) as run:
+        report = merge(args.model, args.out, drop_branches=args.method in MERGE_ONLY)
+        log.info("merged %s -> %s: %s", args.model, args.out, report)
+        run.log(metrics=report)
 
 
 def cmd_sample(args) -> None:
     from cm.sample import sample
-    from cm.tracking import log_stage
+    from cm.tracking import stage_run
 
     params, experiment = _setup(args)
-    info = sample(merged_path=args.model, out=args.out, experiment=experiment, seed=args.seed,
-                  device=_device(params), progress=_progress())
-    log.info("sampled %s seed %d: %s", args.method, args.seed, info)
-    log_stage(params["tracking"], stage="sample", experiment=args.experiment, method=args.method,
-              seed=args.seed, params=experiment["sample"], metrics=info)
+    with stage_run(params["tracking"], stage="sample", experiment=args.experiment, method=args.method,
+                   seed=args.seed, params=experiment["sample"]) as run:
+        info = sample(merged_path=args.model, out=args.out, experiment=experiment, seed=args.seed,
+                      device=_device(params), progress=_progress())
+        log.info("sampled %s seed %d: %s", args.method, args.seed, info)
+        run.log(metrics=info)
 
 
 def cmd_evaluate(args) -> None:
     from cm.evaluate import evaluate
-    from cm.tracking import log_stage
+    from cm.tracking import stage_run
 
     params, experiment = _setup(args)
-    metrics = evaluate(samples=args.samples, evaluator=args.evaluator, reference=args.reference,
-                       stats=args.stats, features_out=args.features_out,
-                       manifest=io.read_json(args.manifest), experiment=experiment, out=args.out,
-                       device=_device(params))
-    log.info("%s seed %d: fid %.3f (floor %.3f), kid %.4f, fid_few %.3f (floor %.3f)", args.method, args.seed,
-             metrics["fid"], metrics["fid_floor"], metrics["kid"], metrics["fid_few"], metrics["fid_few_floor"])
-    per_class = metrics.pop("per_class")
-    log_stage(params["tracking"], stage="evaluate", experiment=args.experiment, method=args.method,
-              seed=args.seed, params=experiment["evaluate"],
-              metrics={**{k: v for k, v in metrics.items() if not isinstance(v, list)},
-                       **{f"fid_class_{c}": v for c, v in enumerate(per_class["fid"])}},
-              artifacts=[args.out])
+    with stage_run(params["tracking"], stage="evaluate", experiment=args.experiment, method=args.method,
+                   seed=args.seed, params=experiment["evaluate"]) as run:
+        metrics = evaluate(samples=args.samples, evaluator=args.evaluator, reference=args.reference,
+                           stats=args.stats, features_out=args.features_out,
+                           manifest=io.read_json(args.manifest), experiment=experiment, out=args.out,
+                           device=_device(params))
+        log.info("%s seed %d: fid %.3f (floor %.3f), kid %.4f, fid_few %.3f (floor %.3f)", args.method, args.seed,
+                 metrics["fid"], metrics["fid_floor"], metrics["kid"], metrics["fid_few"], metrics["fid_few_floor"])
+        per_class = metrics.pop("per_class")
+        run.log(metrics={**{k: v for k, v in metrics.items() if not isinstance(v, list)},
+                         **{f"fid_class_{c}": v for c, v in enumerate(per_class["fid"])}},
+                artifacts=[args.out])
 
 
 def cmd_report(args) -> None:
     from cm.method_names import evaluated_methods
     from cm.report import write_report
-    from cm.tracking import log_stage
+    from cm.tracking import stage_run
 
     params, _ = _setup(args)
     # Snakemake passes its selection (which --config may change); DVC's is params.yaml's.
     methods, seeds = args.methods or evaluated_methods(params), args.seeds or params["seeds"]
-    runs = [{"method": m, "seed": s, "metrics": io.read_json(Path(args.metrics_dir) / m / f"seed{s}.json")}
-            for m in methods for s in seeds]
-    # The grid of a method shows its first seed.
-    grids = {m: Path(args.samples_dir) / m / f"seed{seeds[0]}" / "samples.npz" for m in methods}
-    out_dir = Path(args.out_dir)
-    rows = write_report(experiment=args.experiment, runs=runs, samples=grids,
-                        manifest=io.read_json(args.manifest), evaluator=io.read_json(args.evaluator_report),
-                        out_dir=out_dir)
-    print((out_dir / "summary.md").read_text())
-    log_stage(params["tracking"], stage="report", experiment=args.experiment,
-              metrics={f"{row['method']}.{k}": v for row in rows for k, v in row.items()},
-              artifacts=[out_dir / "summary.csv", out_dir / "per_class.csv", out_dir / "summary.md",
-                         *sorted((out_dir / "grids").glob("*.png"))])
+    with stage_run(params["tracking"], stage="report", experiment=args.experiment) as run:
+        runs = [{"method": m, "seed": s, "metrics": io.read_json(Path(args.metrics_dir) / m / f"seed{s}.json")}
+                for m in methods for s in seeds]
+        # The grid of a method shows its first seed.
+        grids = {m: Path(args.samples_dir) / m / f"seed{seeds[0]}" / "samples.npz" for m in methods}
+        out_dir = Path(args.out_dir)
+        rows = write_report(experiment=args.experiment, runs=runs, samples=grids,
+                            manifest=io.read_json(args.manifest), evaluator=io.read_json(args.evaluator_report),
+                            out_dir=out_dir)
+        print((out_dir / "summary.md").read_text())
+        run.log(metrics={f"{row['method']}.{k}": v for row in rows for k, v in row.items()},
+                artifacts=[out_dir / "summary.csv", out_dir / "per_class.csv", out_dir / "summary.md",
+                           *sorted((out_dir / "grids").glob("*.png"))])
 
 
 def cmd_register_dvc(args) -> None:
@@ -189,6 +229,29 @@ def cmd_register_dvc(args) -> None:
     io.write_text(args.out, "".join(f"{stage}\n" for stage in stages))
 
 
+def cmd_lock_diff(args) -> None:
+    """Exit 1 with one line per difference when a reproduced dvc.lock differs from the committed one."""
+    import yaml
+
+    from cm.lockdiff import lock_differences
+
+    locks = []
+    for path in (args.committed, args.reproduced):
+        try:
+            locks.append(yaml.safe_load(Path(path).read_text()) or {})
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{path}: file not found") from None
+        except yaml.YAMLError as err:
+            raise io.CorruptFileError(f"{path}: not a dvc.lock ({type(err).__name__})") from None
+    differences = lock_differences(*locks)
+    for line in differences:
+        print(line, file=sys.stderr)
+    if differences:
+        print(f"{len(differences)} difference(s) from {args.committed}: not reproduced (README: "
+              "Reproducing a result)", file=sys.stderr)
+        raise SystemExit(1)
+
+
 def _device(params: dict) -> str:
     from cm.train import resolve_device
 
@@ -202,52 +265,71 @@ def build_parser() -> argparse.ArgumentParser:
     def stage(name, func, help_text, *, experiment=True, run=False):
         p = sub.add_parser(name, help=help_text, description=help_text)
         p.add_argument("--params", default=cfg.PARAMS_FILE, help="configuration file (default: params.yaml)")
-        p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="CPU threads for torch")
+        rule = name.replace("-", "_")
+        if rule in RESOURCES:
+            p.add_argument("--threads", type=int, metavar="N",
+                           help=f"CPU threads to compute with (default: params.yaml's {threads_key(rule)}, "
+                                "as under Snakemake and DVC; another count changes the last bits of the results)")
         if experiment:
             p.add_argument("--experiment", required=True, help="a key of params.yaml's experiments")
         if run:
-            p.add_argument("--method", required=True)
-            p.add_argument("--seed", type=int, required=True)
+            p.add_argument("--method", required=True,
+                           help="an entry of params.yaml's methods (merge, sample, evaluate: also <method>_gonly, "
+                                "the theta_g-only model of one)")
+            p.add_argument("--seed", type=int, required=True, help="the training and sampling seed")
         p.set_defaults(func=func)
         return p
 
     stage("check", cmd_check, "validate params.yaml and exit", experiment=False)
     p = stage("prepare-data", cmd_prepare_data, "build the long-tailed set and write its manifest")
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", required=True, help="the manifest to write (.json)")
     p = stage("train-evaluator", cmd_train_evaluator, "train the local feature network on balanced real data")
-    p.add_argument("--out", required=True)
-    p.add_argument("--report", required=True)
+    p.add_argument("--out", required=True, help="the feature network's weights to write (.pt)")
+    p.add_argument("--report", required=True, help="its held-out accuracy and settings to write (.json)")
     p = stage("reference-features", cmd_reference_features,
               "features and per-class statistics of the full balanced real set")
-    p.add_argument("--evaluator", required=True)
-    p.add_argument("--out", required=True)
-    p.add_argument("--stats-out", required=True)
+    p.add_argument("--evaluator", required=True, help="the feature network (train-evaluator's --out)")
+    p.add_argument("--out", required=True, help="the reference features to write (.npz)")
+    p.add_argument("--stats-out", required=True, help="the per-class reference statistics to write (.npz)")
     p = stage("train", cmd_train, "train one method with one seed (resumes from checkpoints)", run=True)
-    p.add_argument("--manifest", required=True)
-    p.add_argument("--out", required=True)
-    p.add_argument("--history", required=True)
+    p.add_argument("--manifest", required=True, help="the training set's manifest (prepare-data's --out)")
+    p.add_argument("--out", required=True, help="the final checkpoint to write (.pt)")
+    p.add_argument("--history", required=True, help="the loss history to write (.csv)")
     p.add_argument("--checkpoints", required=True, help="folder kept across runs for resuming")
     p = stage("merge", cmd_merge, "fold low-rank branches into plain U-Net weights", run=True)
-    p.add_argument("--model", required=True)
-    p.add_argument("--out", required=True)
+    p.add_argument("--model", required=True, help="a trained checkpoint (train's --out)")
+    p.add_argument("--out", required=True, help="the merged U-Net to write (.pt)")
     p = stage("sample", cmd_sample, "class-balanced generation from a merged model", run=True)
-    p.add_argument("--model", required=True)
-    p.add_argument("--out", required=True)
+    p.add_argument("--model", required=True, help="a merged model (merge's --out)")
+    p.add_argument("--out", required=True, help="the images and labels to write (.npz)")
     p = stage("evaluate", cmd_evaluate, "FID/KID/accuracy, overall, per class, many/medium/few", run=True)
-    for name in ("samples", "evaluator", "reference", "stats", "manifest", "out", "features-out"):
-        p.add_argument(f"--{name}", required=True)
+    for name, text in (("samples", "generated images and labels (sample's --out)"),
+                       ("evaluator", "the feature network (train-evaluator's --out)"),
+                       ("reference", "the reference features (reference-features' --out)"),
+                       ("stats", "the per-class reference statistics (reference-features' --stats-out)"),
+                       ("manifest", "the training set's manifest, for the many/medium/few split"),
+                       ("out", "the metrics to write (.json)"),
+                       ("features-out", "the generated images' features to write (.npz)")):
+        p.add_argument(f"--{name}", required=True, help=text)
     p = stage("report", cmd_report, "summary tables and sample grids of one experiment")
     p.add_argument("--metrics-dir", required=True, help="holds <method>/seed<seed>.json per run")
     p.add_argument("--samples-dir", required=True, help="holds <method>/seed<seed>/samples.npz per run")
-    p.add_argument("--manifest", required=True)
-    p.add_argument("--evaluator-report", required=True)
-    p.add_argument("--out-dir", required=True)
+    p.add_argument("--manifest", required=True, help="the training set's manifest (prepare-data's --out)")
+    p.add_argument("--evaluator-report", required=True, help="the feature network's report (its accuracy)")
+    p.add_argument("--out-dir", required=True, help="folder for summary.csv/.md, per_class.csv and grids/")
     p.add_argument("--methods", nargs="+", help="models to report (default: params.yaml's methods + theta_g_only)")
     p.add_argument("--seeds", nargs="+", type=int, help="seeds to report (default: params.yaml's seeds)")
     p = stage("register-dvc", cmd_register_dvc, "record Snakemake-made outputs with DVC (dvc commit)",
               experiment=False)
-    p.add_argument("--experiments", nargs="+", required=True)
-    p.add_argument("--out", required=True)
+    p.add_argument("--experiments", nargs="+", required=True,
+                   help="experiments whose DVC stages to commit (those not in params.yaml's run are skipped)")
+    p.add_argument("--out", required=True, help="the list of committed stages to write (.txt)")
+    p = sub.add_parser("lock-diff", help="compare a reproduced dvc.lock with the committed one",
+                       description="Exit 1, with one line per differing parameter, dependency or output "
+                                   "(naming the stage), when a reproduced dvc.lock differs from the committed one.")
+    p.add_argument("committed", help="the committed lock (e.g. `git show HEAD:dvc.lock > committed.lock`)")
+    p.add_argument("reproduced", help="the lock `dvc repro` wrote (dvc.lock)")
+    p.set_defaults(func=cmd_lock_diff)
     return parser
 
 
@@ -259,4 +341,17 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as err:  # the user's to act on: one line, no traceback
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: atomic writes left no half-written output, so no traceback
+        print(_interrupted(args), file=sys.stderr)
+        return 130  # 128 + SIGINT, as a shell reports it
     return 0
+
+
+def _interrupted(args) -> str:
+    """One line naming the interrupted job and how to finish it."""
+    job = " ".join(str(part) for part in (args.stage, getattr(args, "experiment", None),
+                                          getattr(args, "method", None)) if part is not None)
+    if getattr(args, "seed", None) is not None:
+        job += f" seed {args.seed}"
+    then = "to resume" if args.stage in _RESUMES else "to redo it (nothing half-written was kept)"
+    return f"interrupted: {job}; run the same command again {then}"

@@ -21,19 +21,36 @@ CODE = {
     "report": ["cm/report.py"],
 }
 
-# params.yaml keys each stage reads; {experiment} and {method} are filled per job.
+# The params.yaml `resources` entry of each stage. Its `threads` is the count the stage computes
+# with whoever runs it (Snakemake, DVC, SLURM, by hand), so results never depend on the machine's
+# core count; the Snakefile schedules the job with the same entry.
+RESOURCES = {"prepare_data": "default", "train_evaluator": "evaluate", "reference_features": "evaluate",
+             "train": "train", "merge": "default", "sample": "sample", "evaluate": "evaluate", "report": "default"}
+
+
+def threads_key(stage: str) -> str:
+    """The params.yaml key of a stage's thread count."""
+    return f"resources.{RESOURCES[stage]}.threads"
+
+
+# params.yaml keys each stage reads; {experiment} and {method} are filled per job. The thread count
+# is one where floats depend on it (the order of parallel sums): changing it reruns the stage, and
+# dvc.lock records the count a result was computed with.
 PARAMS = {
     "prepare_data": ["experiments.{experiment}.data"],
-    "train_evaluator": ["experiments.{experiment}.data", "experiments.{experiment}.evaluate"],
-    "reference_features": ["experiments.{experiment}.data", "experiments.{experiment}.evaluate"],
+    "train_evaluator": ["experiments.{experiment}.data", "experiments.{experiment}.evaluate.feature_net",
+                        threads_key("train_evaluator")],
+    "reference_features": ["experiments.{experiment}.data", "experiments.{experiment}.evaluate",
+                           threads_key("reference_features")],
     "train": ["experiments.{experiment}.model", "experiments.{experiment}.diffusion",
               "experiments.{experiment}.train", "experiments.{experiment}.data.hflip",
-              "method_params.{section}"],
-    "merge": [],
-    "sample": ["experiments.{experiment}.diffusion", "experiments.{experiment}.sample"],
-    "evaluate": ["experiments.{experiment}.data", "experiments.{experiment}.evaluate"],
+              "method_params.{section}", threads_key("train")],
+    "merge": [threads_key("merge")],
+    "sample": ["experiments.{experiment}.diffusion", "experiments.{experiment}.sample", threads_key("sample")],
+    "evaluate": ["experiments.{experiment}.data", "experiments.{experiment}.evaluate", threads_key("evaluate")],
     "report": ["methods", "theta_g_only", "seeds"],
 }
+THREAD_DEPENDENT = tuple(stage for stage, keys in PARAMS.items() if threads_key(stage) in keys)
 
 
 def lookup(params: dict, dotted: str):

@@ -39,12 +39,13 @@ def balanced_labels(num_classes: int, per_class: int) -> np.ndarray:
 
 
 def _run_key(merged_path: Path, experiment: dict, seed: int) -> str:
-    """What decides the images: the model's bytes, the sampler settings and the seed."""
+    """What decides the images: the model's bytes, the sampler settings, the seed and the thread count."""
     digest = hashlib.sha256()
     with open(merged_path, "rb") as fh:
         for block in iter(lambda: fh.read(1 << 20), b""):
             digest.update(block)
-    digest.update(json.dumps([experiment["sample"], experiment["diffusion"], seed], sort_keys=True).encode())
+    settings = [experiment["sample"], experiment["diffusion"], seed, torch.get_num_threads()]
+    digest.update(json.dumps(settings, sort_keys=True).encode())
     return digest.hexdigest()[:16]
 
 

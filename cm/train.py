@@ -135,7 +135,8 @@ def train(*, manifest: dict, experiment: dict, method_name: str, method_params: 
     dev = resolve_device(device)
     run = {"manifest": manifest["content_sha256"], "model": experiment["model"], "method": method_name,
            "method_params": resolve_params(method_name, method_params), "seed": seed,
-           "diffusion": experiment["diffusion"], "hflip": experiment["data"]["hflip"], "train": dict(cfg)}
+           "diffusion": experiment["diffusion"], "hflip": experiment["data"]["hflip"], "train": dict(cfg),
+           "threads": torch.get_num_threads()}  # parallel sums round by the thread count
     folder = Path(checkpoint_root) / fingerprint(run)
 
     torch.manual_seed(seed)
@@ -231,8 +232,8 @@ def train(*, manifest: dict, experiment: dict, method_name: str, method_params: 
 
 
 def _holds(path: Path, fingerprint_: str, step: int) -> bool:
-    """Whether `path` already is the final checkpoint of this run (torch.save is not byte-stable,
-    so rewriting it would make DVC rerun every stage downstream)."""
+    """Whether `path` already is the final checkpoint of this run (rewriting it would give the same
+    bytes but a new modification time, which Snakemake takes for a newer input downstream)."""
     try:
         state = io.load_torch(path)
     except (FileNotFoundError, io.CorruptFileError):

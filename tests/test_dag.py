@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import re
+import shlex
 
 import pytest
 import yaml
 
+from cm import config as cfg
+from cm.cli import build_parser, stage_threads
 from cm.pipeline import CODE, dvc_stage_names, param_keys
 from tests.conftest import run
 
@@ -23,9 +26,10 @@ def snakemake_jobs(project):
         shell = re.search(r"^Shell command: (.*)$", block, re.M)
         if rule in ONLY_SNAKEMAKE or shell is None:
             continue
-        # Snakemake adds its log redirection, thread count and the report's selection (which
-        # --config may change); DVC runs the bare command, whose report reads params.yaml's.
-        cmd = " ".join(re.sub(r" --threads \d+| > \S+ 2>&1| --methods( [\w+]+)+ --seeds( \d+)+", "",
+        # Snakemake adds its log redirection and the report's selection (which --config may
+        # change); DVC runs the bare command, whose report reads params.yaml's. Neither passes a
+        # thread count: the stage reads params.yaml's.
+        cmd = " ".join(re.sub(r" > \S+ 2>&1| --methods( [\w+]+)+ --seeds( \d+)+", "",
                               shell.group(1)).split())
         jobs[cmd] = {"rule": rule, "outputs": set(fields["output"].split(", ")),
                      "inputs": set(fields.get("input", "").split(", ")) - {""}}
@@ -92,3 +96,27 @@ def test_the_report_follows_a_config_selection(project):
     report = next(line for line in out.splitlines() if "python -m cm report" in line)
     assert "--methods cbdm cm+oc cm+oc_gonly --seeds 0 2" in report
     assert "train/cm+oc/seed2/model.pt" in out and "train/cm+oc_gonly" not in out
+
+
+def test_snakemake_schedules_each_stage_with_the_thread_count_it_computes_with(project):
+    """One place: params.yaml's resources. Snakemake's `threads` for a job and the count its command
+    computes with (the same command DVC runs, without --threads) come from the same entry."""
+    counts = {"default": 5, "train": 3, "sample": 2, "evaluate": 4}
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    for entry, threads in counts.items():
+        params["resources"][entry]["threads"] = threads
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    expected = {"prepare_data": 5, "train_evaluator": 4, "reference_features": 4, "train": 3, "merge": 5,
+                "sample": 2, "evaluate": 4, "report": 5}
+    out = run(["snakemake", "--dry-run", "--printshellcmds", "--forceall", "--cores", "8"], project).stdout
+    loaded, parser, seen = cfg.load_params(project / "params.yaml"), build_parser(), set()
+    for block in re.split(r"\n(?:local)?rule ", out)[1:]:
+        rule = block.split(":", 1)[0]
+        if rule in ONLY_SNAKEMAKE:
+            continue
+        scheduled = re.search(r"^    threads: (\d+)$", block, re.M)  # shown when above 1
+        shell = re.search(r"^Shell command: python -m cm (.*?) > \S+ 2>&1$", block, re.M).group(1)
+        computed = stage_threads(parser.parse_args(shlex.split(shell)), loaded)
+        assert (int(scheduled.group(1)) if scheduled else 1) == computed == expected[rule], rule
+        seen.add(rule)
+    assert seen == set(expected)

@@ -1,9 +1,6 @@
 # Helpers and validation shared by the rules. Nothing here has side effects at parse time:
 # SLURM jobs re-read the Snakefile.
 
-import os
-import time
-import uuid
 from pathlib import Path
 
 from snakemake.exceptions import WorkflowError
@@ -11,9 +8,8 @@ from snakemake.utils import validate
 
 from cm.config import ConfigError, check_params, load_yaml
 from cm.method_names import MERGE_ONLY, evaluated_methods
-from cm.pipeline import CODE, stage_params
+from cm.pipeline import CODE, RESOURCES, stage_params
 from cm.runlock import FolderBusyError, claim
-from cm.tracking import PIPELINE_ENV
 
 # `--config 'seeds=[0,1,2]'` arrives as strings: Snakemake parses lists with YAML's BaseLoader.
 if isinstance(config.get("seeds"), list):
@@ -58,9 +54,13 @@ def settings(stage):
     return lambda wc: stage_params(config, stage, **wc)
 
 
-def res(stage, key):
-    """A portable resource of a stage (params.yaml: resources.<stage>, else resources.default)."""
-    return config["resources"].get(stage, config["resources"]["default"])[key]
+def res(rule, key):
+    """A portable resource of a rule: params.yaml resources.<entry>.<key>, the entry given by
+    cm/pipeline.py's RESOURCES. The stage computes with that entry's `threads` itself (no --threads
+    on the command, as in dvc.yaml), so `threads` here only schedules the job: when --cores is
+    smaller Snakemake grants fewer, the job still runs that many threads, and the results stay
+    those of dvc repro and of every other --cores."""
+    return config["resources"][RESOURCES[rule]][key]
 
 
 def run_files(pattern):
@@ -75,5 +75,22 @@ def trained_model(wildcards):
 
 
 onstart:
-    # Names this invocation so every stage's MLflow run joins one parent run; jobs inherit it.
-    os.environ.setdefault(PIPELINE_ENV, f"snakemake-{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}")
+    # Names this invocation for MLflow ($CM_PIPELINE_ID, inherited by its jobs): every stage run joins
+    # one parent run, which a rerun after a failure or an interruption continues.
+    from cm import tracking
+
+    tracking.begin_pipeline()
+
+
+onsuccess:
+    from cm import tracking
+
+    hint = tracking.end_pipeline(config["tracking"], ok=True)
+    if hint:
+        print(hint)
+
+
+onerror:
+    from cm import tracking
+
+    tracking.end_pipeline(config["tracking"], ok=False)

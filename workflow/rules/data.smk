@@ -7,10 +7,10 @@ rule prepare_data:
         settings=settings("prepare_data"),
     log:
         "logs/{experiment}/prepare_data.log",
-    threads: 1
+    threads: res("prepare_data", "threads")
     resources:
-        mem_mb=res("default", "mem_mb"),
-        runtime=res("default", "runtime"),
+        mem_mb=res("prepare_data", "mem_mb"),
+        runtime=res("prepare_data", "runtime"),
     conda:
         "../../envs/cm.yaml"
     shell:

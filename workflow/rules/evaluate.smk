@@ -8,15 +8,15 @@ rule train_evaluator:
         settings=settings("train_evaluator"),
     log:
         "logs/{experiment}/train_evaluator.log",
-    threads: res("evaluate", "threads")
+    threads: res("train_evaluator", "threads")
     resources:
-        mem_mb=res("evaluate", "mem_mb"),
-        runtime=res("evaluate", "runtime"),
+        mem_mb=res("train_evaluator", "mem_mb"),
+        runtime=res("train_evaluator", "runtime"),
     conda:
         "../../envs/cm.yaml"
     shell:
         "python -m cm train-evaluator --experiment {wildcards.experiment} --out {output.model}"
-        " --report {output.report} --threads {threads} > {log} 2>&1"
+        " --report {output.report} > {log} 2>&1"
 
 
 rule reference_features:
@@ -30,16 +30,16 @@ rule reference_features:
         settings=settings("reference_features"),
     log:
         "logs/{experiment}/reference_features.log",
-    threads: res("evaluate", "threads")
+    threads: res("reference_features", "threads")
     resources:
-        mem_mb=res("evaluate", "mem_mb"),
-        runtime=res("evaluate", "runtime"),
+        mem_mb=res("reference_features", "mem_mb"),
+        runtime=res("reference_features", "runtime"),
     conda:
         "../../envs/cm.yaml"
     shell:
         "python -m cm reference-features --experiment {wildcards.experiment}"
         " --evaluator {input.evaluator} --out {output.features} --stats-out {output.stats}"
-        " --threads {threads} > {log} 2>&1"
+        " > {log} 2>&1"
 
 
 rule evaluate:
@@ -68,4 +68,4 @@ rule evaluate:
         " --seed {wildcards.seed} --samples {input.samples} --evaluator {input.evaluator}"
         " --reference {input.reference} --stats {input.stats} --manifest {input.manifest}"
         " --out {output.metrics} --features-out {output.features}"
-        " --threads {threads} > {log} 2>&1"
+        " > {log} 2>&1"

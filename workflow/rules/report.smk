@@ -8,6 +8,7 @@ rule report:
     output:
         csv=report("results/{experiment}/report/summary.csv", category="Summary"),
         md="results/{experiment}/report/summary.md",
+        metrics="results/{experiment}/report/metrics.json",
         per_class=report("results/{experiment}/report/per_class.csv", category="Per class"),
         grids=report(
             directory("results/{experiment}/report/grids"),
@@ -22,10 +23,10 @@ rule report:
         seeds=config["seeds"],
     log:
         "logs/{experiment}/report.log",
-    threads: 1
+    threads: res("report", "threads")
     resources:
-        mem_mb=res("default", "mem_mb"),
-        runtime=res("default", "runtime"),
+        mem_mb=res("report", "mem_mb"),
+        runtime=res("report", "runtime"),
     conda:
         "../../envs/cm.yaml"
     shell:
@@ -33,7 +34,7 @@ rule report:
         " --metrics-dir results/{wildcards.experiment}/metrics"
         " --samples-dir results/{wildcards.experiment}/samples --manifest {input.manifest}"
         " --evaluator-report {input.evaluator_report} --out-dir results/{wildcards.experiment}/report"
-        " --methods {params.methods} --seeds {params.seeds} --threads {threads} > {log} 2>&1"
+        " --methods {params.methods} --seeds {params.seeds} > {log} 2>&1"
 
 
 # Outputs made by Snakemake are recorded in dvc.lock and the DVC cache, so `dvc status` is clean

@@ -21,7 +21,7 @@ rule train:
     shell:
         "python -m cm train --experiment {wildcards.experiment} --method {wildcards.method}"
         " --seed {wildcards.seed} --manifest {input.manifest} --out {output.model}"
-        " --history {output.history} --checkpoints {params.checkpoints} --threads {threads} > {log} 2>&1"
+        " --history {output.history} --checkpoints {params.checkpoints} > {log} 2>&1"
 
 
 rule merge:
@@ -30,17 +30,19 @@ rule merge:
         model=trained_model,
     output:
         "results/{experiment}/merged/{method}/seed{seed}/model.pt",
+    params:
+        settings=settings("merge"),
     log:
         "logs/{experiment}/merge/{method}/seed{seed}.log",
-    threads: 1
+    threads: res("merge", "threads")
     resources:
-        mem_mb=res("default", "mem_mb"),
-        runtime=res("default", "runtime"),
+        mem_mb=res("merge", "mem_mb"),
+        runtime=res("merge", "runtime"),
     conda:
         "../../envs/cm.yaml"
     shell:
         "python -m cm merge --experiment {wildcards.experiment} --method {wildcards.method}"
-        " --seed {wildcards.seed} --model {input.model} --out {output} --threads {threads} > {log} 2>&1"
+        " --seed {wildcards.seed} --model {input.model} --out {output} > {log} 2>&1"
 
 
 rule sample:
@@ -62,4 +64,4 @@ rule sample:
         "../../envs/cm.yaml"
     shell:
         "python -m cm sample --experiment {wildcards.experiment} --method {wildcards.method}"
-        " --seed {wildcards.seed} --model {input.model} --out {output} --threads {threads} > {log} 2>&1"
+        " --seed {wildcards.seed} --model {input.model} --out {output} > {log} 2>&1"
