@@ -36,7 +36,7 @@ def test_each_difference_names_its_stage_and_what_differs():
     train["deps"][0]["md5"] = "a2"
     del new["stages"]["report@digits_lt"]
     new["stages"]["evaluate@digits_lt-cm-1"] = {}
-    assert lock_differences(LOCK, new) == [
+    assert [d.text for d in lock_differences(LOCK, new)] == [
         "stage evaluate@digits_lt-cm-1: run but not in the committed lock",
         "stage report@digits_lt: in the committed lock but not run (is it in params.yaml's run, methods and seeds?)",
         "stage train@digits_lt-cm-0: params.yaml has experiments.digits_lt.train.steps = 1000, the committed lock "
@@ -61,3 +61,13 @@ def test_the_cli_exits_1_with_the_differences(tmp_path):
     assert differs.returncode == 1 and differs.stdout == ""
     assert differs.stderr.splitlines()[0] == ("stage report@digits_lt: output results/digits_lt/report/metrics.json "
                                               "has md5 c2, the committed lock cc")
+    # Made on another kind of machine: differing outputs are reported, not failed; inputs still fail.
+    (tmp_path / "machine.txt").write_text("x86_64, another CPU, AVX512, torch 2.14.1\n")
+    other = subprocess.run(cmd + [str(tmp_path / "dvc.lock"), "--made-on", str(tmp_path / "machine.txt")],
+                           cwd=ROOT, capture_output=True, text=True)
+    assert other.returncode == 0 and "1 output(s) differ, as floats may on another CPU" in other.stderr
+    new["stages"]["report@digits_lt"]["params"] = {"params.yaml": {"seeds": [1]}}
+    (tmp_path / "dvc.lock").write_text(yaml.safe_dump(new))
+    inputs = subprocess.run(cmd + [str(tmp_path / "dvc.lock"), "--made-on", str(tmp_path / "machine.txt")],
+                            cwd=ROOT, capture_output=True, text=True)
+    assert inputs.returncode == 1 and "params.yaml has seeds = [1], the committed lock None" in inputs.stderr
