@@ -164,3 +164,22 @@ def test_input_is_not_modified(raw):
     kept = copy.deepcopy(raw)
     cfg.check_params(raw, base_dir=ROOT)
     assert raw == kept and before != kept
+
+
+def test_dvc_rewrites_only_the_value_it_sets(tmp_path):
+    """`dvc exp run -S` round-trips params.yaml through DVC's YAML writer: the shipped layout must
+    survive it, so that one set value changes only its own lines."""
+    import difflib
+    import shutil
+
+    from dvc.utils.serialize import modify_yaml
+
+    shutil.copy(ROOT / "params.yaml", tmp_path / "params.yaml")
+    with modify_yaml(tmp_path / "params.yaml") as params:
+        params["seeds"] = [1]
+    before, after = (ROOT / "params.yaml").read_text().splitlines(), (tmp_path / "params.yaml").read_text().splitlines()
+    changed = [line for line in difflib.unified_diff(before, after, lineterm="", n=0)
+               if line[:1] in "+-" and not line.startswith(("+++", "---"))]
+    # Only the seeds entry (DVC's writer puts the blank line that follows it inside the new list).
+    assert changed == ["-seeds: [0]                # training / sampling seeds", "-",
+                       "+seeds:                    # training / sampling seeds", "+", "+- 1"]
