@@ -49,7 +49,9 @@ def start(cmd, cwd):
            "DVC_NO_ANALYTICS": "1"}
     for var in ("MLFLOW_TRACKING_URI", "MLFLOW_RUN_ID", "CM_PIPELINE_ID"):
         env.pop(var, None)
-    return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    # A suite started in the background of a shell inherits SIGINT ignored; a terminal's job does not.
+    return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def checkpoint_steps(folder: Path) -> list[int]:
