@@ -122,21 +122,29 @@ def cmd_reference_features(args) -> None:
 
 
 def cmd_train(args) -> None:
+    from cm import distributed
     from cm.method_names import param_sections
+    from cm.pipeline import train_processes
     from cm.tracking import stage_run
     from cm.train import train
 
     params, experiment = _setup(args)
+    # resources.train.gpu > 1: the same command again under torchrun, one process per GPU.
+    distributed.relaunch_under_torchrun(train_processes(params))
     method_params = params["method_params"]
     tracked = {"model": experiment["model"], "train": experiment["train"], "diffusion": experiment["diffusion"],
                "method": {s: method_params[s] for s in param_sections(args.method)}}
-    with stage_run(params["tracking"], stage="train", experiment=args.experiment, method=args.method,
+    tracking = params["tracking"] if distributed.is_main_process() else {**params["tracking"], "enabled": False}
+    with stage_run(tracking, stage="train", experiment=args.experiment, method=args.method,
                    seed=args.seed, params=tracked) as run:
         manifest = io.read_json(args.manifest)
-        summary = train(manifest=manifest, experiment=experiment, method_name=args.method,
-                        method_params=method_params, seed=args.seed, out=Path(args.out),
-                        checkpoint_root=Path(args.checkpoints), history_out=Path(args.history),
-                        device=_device(params), progress=_progress())
+        try:
+            summary = train(manifest=manifest, experiment=experiment, method_name=args.method,
+                            method_params=method_params, seed=args.seed, out=Path(args.out),
+                            checkpoint_root=Path(args.checkpoints), history_out=Path(args.history),
+                            device=_device(params), progress=_progress())
+        finally:
+            distributed.shutdown()
         history = summary.pop("history")
         log.info("trained %s seed %d: %s", args.method, args.seed, summary)
         run.log(metrics=summary, history=history, artifacts=[args.history])

@@ -14,10 +14,18 @@ class GaussianDiffusion:
         self.timesteps = timesteps
         betas = torch.linspace(beta_start, beta_end, timesteps, dtype=torch.float64)
         self.alphas_bar = torch.cumprod(1.0 - betas, dim=0)  # abar_t, float64 for accuracy
+        self._on_device: dict[torch.device, torch.Tensor] = {}
+
+    def alphas_bar_on(self, device: torch.device | str) -> torch.Tensor:
+        """abar on `device`, copied there once (a copy per step would wait for the device)."""
+        device = torch.device(device)
+        if device not in self._on_device:
+            self._on_device[device] = self.alphas_bar.to(device)
+        return self._on_device[device]
 
     def _abar(self, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         """abar_t broadcast to the shape of `like` (N, C, H, W)."""
-        return self.alphas_bar.to(like.device)[t].to(like.dtype).view(-1, 1, 1, 1)
+        return self.alphas_bar_on(like.device)[t].to(like.dtype).view(-1, 1, 1, 1)
 
     def sample_timesteps(self, n: int, device: torch.device | str) -> torch.Tensor:
         """t uniform on {0, ..., T-1}."""
@@ -46,7 +54,7 @@ class GaussianDiffusion:
         x = torch.randn(shape, generator=generator, device=device)
         stride = max(1, self.timesteps // steps)
         seq = list(range(0, self.timesteps, stride))[:steps]
-        abar = self.alphas_bar.to(device)
+        abar = self.alphas_bar_on(device)
         for i in reversed(range(len(seq))):
             t = torch.full((shape[0],), seq[i], device=device, dtype=torch.long)
             eps = self.guided_eps(net, x, t, y, guidance)
@@ -62,7 +70,7 @@ class GaussianDiffusion:
                     generator: torch.Generator | None = None) -> torch.Tensor:
         """Ancestral sampling over all T steps (posterior variance beta_tilde)."""
         device = y.device
-        abar = self.alphas_bar.to(device)
+        abar = self.alphas_bar_on(device)
         x = torch.randn(shape, generator=generator, device=device)
         for step in reversed(range(self.timesteps)):
             t = torch.full((shape[0],), step, device=device, dtype=torch.long)

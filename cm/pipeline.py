@@ -28,14 +28,19 @@ RESOURCES = {"prepare_data": "default", "train_evaluator": "evaluate", "referenc
              "train": "train", "merge": "default", "sample": "sample", "evaluate": "evaluate", "report": "default"}
 
 
+def train_processes(params: dict) -> int:
+    """Training processes per model: one per GPU of resources.train.gpu (torchrun when > 1)."""
+    return max(1, params["resources"]["train"]["gpu"])
+
+
 def threads_key(stage: str) -> str:
     """The params.yaml key of a stage's thread count."""
     return f"resources.{RESOURCES[stage]}.threads"
 
 
 # params.yaml keys each stage reads; {experiment} and {method} are filled per job. The thread count
-# is one where floats depend on it (the order of parallel sums): changing it reruns the stage, and
-# dvc.lock records the count a result was computed with.
+# is one where floats depend on it (the order of parallel sums), and so is training's GPU count (the
+# processes' all-reduce): changing either reruns the stage, and dvc.lock records the counts.
 PARAMS = {
     "prepare_data": ["experiments.{experiment}.data"],
     "train_evaluator": ["experiments.{experiment}.data", "experiments.{experiment}.evaluate.feature_net",
@@ -44,7 +49,7 @@ PARAMS = {
                            threads_key("reference_features")],
     "train": ["experiments.{experiment}.model", "experiments.{experiment}.diffusion",
               "experiments.{experiment}.train", "experiments.{experiment}.data.hflip",
-              "method_params.{section}", threads_key("train")],
+              "method_params.{section}", threads_key("train"), "resources.train.gpu"],
     "merge": [threads_key("merge")],
     "sample": ["experiments.{experiment}.diffusion", "experiments.{experiment}.sample", threads_key("sample")],
     "evaluate": ["experiments.{experiment}.data", "experiments.{experiment}.evaluate", threads_key("evaluate")],

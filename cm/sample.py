@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from cm import io
+from cm import accel, io
 from cm.data.images import to_uint8
 from cm.diffusion import GaussianDiffusion
 from cm.merge import load_merged
@@ -68,6 +68,8 @@ def sample(*, merged_path: str | Path, out: str | Path, experiment: dict, seed: 
     dev = resolve_device(device)
     net, meta = load_merged(merged_path)
     net.to(dev)
+    accel.configure_backends(cfg["precision"], dev)
+    accel.prepare_network(net, channels_last=cfg["channels_last"], compile=cfg["compile"])
     config = meta["config"]
     diffusion = GaussianDiffusion(**experiment["diffusion"])
     labels = balanced_labels(config["num_classes"], cfg["per_class"])
@@ -86,8 +88,9 @@ def sample(*, merged_path: str | Path, out: str | Path, experiment: dict, seed: 
             y = torch.as_tensor(batch_labels, device=dev)
             # One generator per batch: a batch's images depend only on (seed, batch), not on history.
             gen = torch.Generator(device=dev).manual_seed(seed * 1_000_003 + batch_index)
-            x = diffusion.sample(net, y, (len(y), *shape), sampler=cfg["sampler"], steps=cfg["steps"],
-                                 guidance=cfg["guidance"], generator=gen)
+            with accel.autocast(cfg["precision"], dev):  # the network's passes; the updates stay float32
+                x = diffusion.sample(net, y, (len(y), *shape), sampler=cfg["sampler"], steps=cfg["steps"],
+                                     guidance=cfg["guidance"], generator=gen)
             images = to_uint8(x) if cfg["quantize"] else to_unit_float(x)
             io.save_npz(chunk, images=images, labels=batch_labels)
         else:

@@ -4,6 +4,11 @@ A run checkpoints every `checkpoint_every` steps into a folder named by the fing
 settings, and a later run with the same settings resumes from the newest checkpoint there. The
 checkpoint holds everything that decides the remaining steps (model, EMA, optimiser, data order,
 RNG states), so a resumed run ends with the same weights as an uninterrupted one on the CPU.
+
+A step never waits for the device: losses and statistics stay there and are read once per
+`log_every` (and at checkpoints); a non-finite loss is skipped on the device by fused Adam's
+`found_inf` flag and counted there (cm/accel.py). Under torchrun the same command trains with
+DistributedDataParallel, rank r computing its rows of every global batch (cm/distributed.py).
 """
 
 from __future__ import annotations
@@ -18,9 +23,11 @@ import time
 from pathlib import Path
 
 import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from cm import io
+from cm import accel, distributed, io
 from cm.data import load_training_set
 from cm.data.images import scale, to_nchw
 from cm.diffusion import GaussianDiffusion
@@ -74,17 +81,18 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def _rng_state() -> dict:
+def _rng_state(device: torch.device) -> dict:
+    """The CPU generator and the training device's (with torchrun every rank draws the same)."""
     state = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if device.type == "cuda":
+        state["device"] = torch.cuda.get_rng_state(device)
     return state
 
 
-def _set_rng_state(state: dict) -> None:
+def _set_rng_state(state: dict, device: torch.device) -> None:
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if "device" in state and device.type == "cuda":
+        torch.cuda.set_rng_state(state["device"], device)
 
 
 def _checkpoints(folder: Path) -> list[Path]:
@@ -123,20 +131,114 @@ def model_config(manifest: dict, experiment: dict, method) -> dict:
     }
 
 
+class Objective(nn.Module):
+    """A method's loss on a batch as one module call, so that DistributedDataParallel sees every
+    network pass of a step (CM's branch-off pass, CBDM's batched pair, the shared encoder) inside
+    one forward. The passes run under the precision's autocast; the U-Net returns float32."""
+
+    def __init__(self, net: nn.Module, method, precision: str):
+        super().__init__()
+        self.net, self.method, self.precision = net, method, precision
+
+    def forward(self, x0: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        with accel.autocast(self.precision, x0.device):
+            out = self.method(self.net, x0, y)
+        return out.loss, out.stats
+
+
+class Trainer:
+    """One optimisation step (forward, backward, clipping, Adam, EMA) that leaves every number on
+    the device, and the running sums the loop logs.
+
+    NaN guard: a step whose loss is not finite changes neither the weights, nor Adam's state, nor
+    the EMA, and is counted. In one process with PyTorch's default Adam the loss is checked on the
+    host before the backward pass, as the loop always did (on the CPU that read costs nothing).
+    Otherwise the check is on the gradient norm after the backward pass (a non-finite loss makes it
+    non-finite; under torchrun it is the all-reduced norm, so every rank decides alike), and with
+    fused Adam it never leaves the device: `found_inf` skips the update, the EMA lerps by 0.
+    """
+
+    def __init__(self, net: nn.Module, method, cfg: dict, device: torch.device):
+        self.cfg, self.device = cfg, device
+        self.net = net.to(device).train()
+        self.ema = copy.deepcopy(net).eval().requires_grad_(False)  # before compiling: a plain copy
+        accel.prepare_network(net, channels_last=cfg["channels_last"], compile=cfg["compile"])
+        objective = Objective(net, method, cfg["precision"])
+        # Unused parameters exist on some steps (the class embedding when the batch's labels are
+        # dropped); their gradients stay None on every rank, as in one process.
+        self.objective = (DistributedDataParallel(objective, find_unused_parameters=True)
+                          if distributed.world_size() > 1 else objective)
+        self.optimizer = accel.make_adam(net.parameters(), lr=cfg["lr"], kernel=cfg["adam"], device=device)
+        self.params, self.ema_params = list(net.parameters()), list(self.ema.parameters())
+        self.on_device = accel.skips_on_device(self.optimizer)
+        self.loss_check = not self.on_device and distributed.world_size() == 1
+        # float64 sums: the same numbers the host's Python floats gave before they moved here.
+        self.nonfinite = torch.zeros((), dtype=torch.float64, device=device)  # skipped steps, all so far
+        self.last_bad = torch.zeros((), device=device)  # the latest skipped step's loss, for the message
+        self.sums: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # the log window's (sum, count)
+
+    def step(self, x0: torch.Tensor, y: torch.Tensor, lr: float) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.zero_grad(set_to_none=True)
+        loss, stats = self.objective(accel.to_layout(x0, self.cfg["channels_last"]), y)
+        if self.loss_check and not torch.isfinite(loss):
+            self._count_bad(torch.ones((), dtype=torch.bool, device=self.device), loss)
+            return
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg["grad_clip"])
+        bad = ~torch.isfinite(grad_norm)
+        self._count_bad(bad, loss)
+        ema_weight = 1.0 - self.cfg["ema_decay"]
+        if self.on_device:
+            self.optimizer.found_inf = bad.float()  # fused Adam skips the update (GradScaler's protocol)
+            ema_weight = ema_weight * (~bad)        # and the EMA lerps by 0
+        elif not self.loss_check and bad:           # under torchrun without fused Adam: a host read
+            return
+        self.optimizer.step()
+        with torch.no_grad():  # EMA of the weights, updated every step
+            torch._foreach_lerp_(self.ema_params, self.params, ema_weight)
+        good = (~bad).double()
+        for key, value in {"loss": loss, "grad_norm": grad_norm, **stats}.items():
+            value = torch.where(bad, 0.0, value.detach().double())  # a skipped step adds nothing
+            # (sum, count) per key: a statistic may exist on some steps only (CBDM's on conditional ones).
+            total, count = self.sums.get(key, (0.0, 0.0))
+            self.sums[key] = (value + total, good + count)
+
+    def _count_bad(self, bad: torch.Tensor, loss: torch.Tensor) -> None:
+        self.nonfinite += bad
+        self.last_bad = torch.where(bad, loss.detach(), self.last_bad)
+
+    def read_window(self) -> tuple[dict[str, float], int]:
+        """The log window's means over its finite steps (and over the ranks; empty if none) and the
+        count of skipped steps so far: one read from the device. The window starts again."""
+        keys = list(self.sums)
+        values = torch.stack([self.nonfinite, *(part for k in keys for part in self.sums[k])])
+        nonfinite, *sums = distributed.mean_over_ranks(values).tolist()
+        self.sums.clear()
+        means = {k: total / count for k, total, count in zip(keys, sums[::2], sums[1::2]) if count}
+        return means, int(nonfinite)
+
+
 def train(*, manifest: dict, experiment: dict, method_name: str, method_params: dict, seed: int,
           out: Path, checkpoint_root: Path, history_out: Path, device: str = "auto",
           progress: bool = True) -> dict:
-    """Train one method with one seed; write the final checkpoint `out` and the loss history CSV.
+    """Train one method with one seed; write the final checkpoint `out` and the loss history CSV
+    (under torchrun: rank 0 writes, every rank trains).
 
     method_params: params.yaml's whole `method_params` mapping (a CM variant reads `cm` and its base's
     section).
     """
     cfg = experiment["train"]
-    dev = resolve_device(device)
+    dev = distributed.init(str(resolve_device(device)))
+    accel.configure_backends(cfg["precision"], dev)
+    main = distributed.is_main()
     run = {"manifest": manifest["content_sha256"], "model": experiment["model"], "method": method_name,
            "method_params": resolve_params(method_name, method_params), "seed": seed,
            "diffusion": experiment["diffusion"], "hflip": experiment["data"]["hflip"], "train": dict(cfg),
            "threads": torch.get_num_threads()}  # parallel sums round by the thread count
+    if distributed.world_size() > 1:  # and by the process count (the all-reduce)
+        run["processes"] = distributed.world_size()
     folder = Path(checkpoint_root) / fingerprint(run)
 
     torch.manual_seed(seed)
@@ -150,10 +252,10 @@ def train(*, manifest: dict, experiment: dict, method_name: str, method_params: 
     net = build_unet(config["preset"], num_classes=config["num_classes"],
                      in_channels=config["in_channels"], image_size=config["image_size"])
     method.prepare(net)
-    net.to(dev).train()
-    ema = copy.deepcopy(net).eval().requires_grad_(False)
-    optimizer = torch.optim.Adam(net.parameters(), lr=cfg["lr"])
+    trainer = Trainer(net, method, cfg, dev)
+    net, ema, optimizer = trainer.net, trainer.ema, trainer.optimizer
     sampler = EpochSampler(len(y_all), cfg["batch_size"], seed)
+    rows = distributed.local_rows(sampler.batch_size)
     start, history, nonfinite = 0, [], 0
 
     state = _load_latest(folder, cfg["steps"])
@@ -162,73 +264,75 @@ def train(*, manifest: dict, experiment: dict, method_name: str, method_params: 
         ema.load_state_dict(state["ema"])
         optimizer.load_state_dict(state["optimizer"])
         sampler.load_state_dict(state["sampler"])
-        _set_rng_state(state["rng"])
+        _set_rng_state(state["rng"], dev)
         start, history, nonfinite = int(state["step"]), list(state["history"]), int(state["nonfinite"])
+        trainer.nonfinite.fill_(nonfinite)
 
     def save_checkpoint(step: int) -> None:
+        if not main:
+            return
         io.save_torch(folder / f"step_{step:09d}.pt", {
             "format": CHECKPOINT_FORMAT, "step": step, "run": json.dumps(run, sort_keys=True),
             "model": net.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
-            "sampler": sampler.state_dict(), "rng": _rng_state(), "history": history,
+            "sampler": sampler.state_dict(), "rng": _rng_state(dev), "history": history,
             "nonfinite": nonfinite,
         })
         for old in _checkpoints(folder)[cfg["keep_checkpoints"]:]:
             old.unlink(missing_ok=True)
 
-    params, ema_params = list(net.parameters()), list(ema.parameters())
-    window: dict[str, list[float]] = {}
+    def check_nonfinite(count: int, step: int) -> None:
+        if count > nonfinite:
+            log.warning("%s: %d non-finite loss(es) skipped by step %d (%d of at most %d)", method_name,
+                        count - nonfinite, step, count, cfg["max_nonfinite_steps"])
+        if count > cfg["max_nonfinite_steps"]:
+            kept = _checkpoints(folder)
+            raise NonFiniteLossError(
+                f"{method_name}: non-finite loss ({trainer.last_bad.item()}) by step {step}, "
+                f"{count} such step(s) > train.max_nonfinite_steps = {cfg['max_nonfinite_steps']}; "
+                f"last good checkpoint kept: {kept[0] if kept else 'none yet'}")
+
     t0 = time.perf_counter()
     bar = tqdm(range(start, cfg["steps"]), initial=start, total=cfg["steps"], desc=f"train {method_name}",
-               disable=not progress, mininterval=1.0 if sys.stderr.isatty() else 30.0)
+               disable=not (progress and main), mininterval=1.0 if sys.stderr.isatty() else 30.0)
     for step in bar:
-        for group in optimizer.param_groups:  # linear warm-up, then constant
-            group["lr"] = cfg["lr"] * min(1.0, (step + 1) / max(1, cfg["warmup_steps"]))
-        idx = sampler.next().to(dev)
+        idx = _to_device(sampler.next(), dev)[rows]  # this rank's rows of the global batch
         x0, y = scale(x_all[idx]), y_all[idx]
         if experiment["data"]["hflip"]:
-            flip = torch.rand(len(x0), device=dev) < 0.5
+            flip = distributed.draw(lambda n: torch.rand(n, device=dev) < 0.5, len(x0))
             x0 = torch.where(flip.view(-1, 1, 1, 1), x0.flip(3), x0)
-        result = method(net, x0, y)
-        optimizer.zero_grad(set_to_none=True)
-        if not torch.isfinite(result.loss):
-            # NaN guard: skip the update (a bounded number of times), never checkpoint bad weights.
-            nonfinite += 1
-            if nonfinite > cfg["max_nonfinite_steps"]:
-                kept = _checkpoints(folder)
-                raise NonFiniteLossError(
-                    f"{method_name}: non-finite loss ({result.loss.item()}) at step {step + 1}, "
-                    f"{nonfinite} such step(s) > train.max_nonfinite_steps = {cfg['max_nonfinite_steps']}; "
-                    f"last good checkpoint kept: {kept[0] if kept else 'none yet'}")
-            log.warning("%s: non-finite loss at step %d skipped (%d of at most %d)", method_name, step + 1,
-                        nonfinite, cfg["max_nonfinite_steps"])
-        else:
-            result.loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg["grad_clip"])
-            optimizer.step()
-            with torch.no_grad():  # EMA of the weights, updated every step
-                torch._foreach_lerp_(ema_params, params, 1.0 - cfg["ema_decay"])
-            for key, value in {"loss": result.loss.item(), "grad_norm": grad_norm.item(), **result.stats}.items():
-                window.setdefault(key, []).append(value)
-        if ((step + 1) % cfg["log_every"] == 0 or step + 1 == cfg["steps"]) and window:
-            history.append({"step": step + 1, **{k: sum(v) / len(v) for k, v in window.items()}})
-            window.clear()
-            bar.set_postfix(loss=f"{history[-1]['loss']:.4f}", refresh=False)
-        if (step + 1) % cfg["checkpoint_every"] == 0 or step + 1 == cfg["steps"]:
+        # Linear warm-up, then constant.
+        trainer.step(x0, y, cfg["lr"] * min(1.0, (step + 1) / max(1, cfg["warmup_steps"])))
+        logs = (step + 1) % cfg["log_every"] == 0 or step + 1 == cfg["steps"]
+        checkpoints = (step + 1) % cfg["checkpoint_every"] == 0 or step + 1 == cfg["steps"]
+        if logs or checkpoints:  # the only reads from the device
+            means, count = trainer.read_window() if logs else ({}, int(trainer.nonfinite))
+            check_nonfinite(count, step + 1)  # before a checkpoint: none is written past the limit
+            nonfinite = count
+            if means:
+                history.append({"step": step + 1, **means})
+                bar.set_postfix(loss=f"{history[-1]['loss']:.4f}", refresh=False)
+        if checkpoints:
             save_checkpoint(step + 1)
     bar.close()
     seconds = time.perf_counter() - t0
 
-    if not _holds(out, folder.name, cfg["steps"]):  # else: leave the same result byte-identical
+    if main and not _holds(out, folder.name, cfg["steps"]):  # else: leave the same result byte-identical
         io.save_torch(out, {"format": "cm.model/1", "config": config, "method": method_name,
                             "step": cfg["steps"], "fingerprint": folder.name,
                             "state_dict": net.state_dict(), "ema": ema.state_dict()})
-    write_history(history_out, history)
+    if main:
+        write_history(history_out, history)
     steps_run = cfg["steps"] - start
     return {"steps": cfg["steps"], "resumed_from": start, "seconds": seconds,
             "seconds_per_step": seconds / steps_run if steps_run else 0.0,
             "final_loss": history[-1]["loss"] if history else float("nan"),
             "parameters": sum(p.numel() for p in net.parameters()), "nonfinite_steps": nonfinite,
-            "history": history}
+            "processes": distributed.world_size(), "history": history}
+
+
+def _to_device(idx: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Batch indices on the device without waiting for it (pinned memory, asynchronous copy)."""
+    return idx.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else idx
 
 
 def _holds(path: Path, fingerprint_: str, step: int) -> bool:

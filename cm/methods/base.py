@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from cm import distributed
+
 
 @dataclass
 class LossOutput:
@@ -17,7 +19,8 @@ class LossOutput:
     t: torch.Tensor                 # (N,) timesteps
     cond: torch.Tensor | None       # labels given to the network (None: whole batch dropped)
     pred: torch.Tensor              # (N, C, H, W) the network's eps prediction on x_t
-    stats: dict[str, float] = field(default_factory=dict)
+    # Scalars to log, kept on the device (detached): the loop reads them once per log step.
+    stats: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 class Method:
@@ -39,10 +42,13 @@ def noised_batch(diffusion, x0: torch.Tensor, y: torch.Tensor, label_drop: float
     """The draws of every eps-prediction objective, in DDPM's order: t, eps, the label-drop coin.
 
     Returns (t, eps, x_t, cond); cond is None when the whole batch goes unconditional (prob.
-    `label_drop`). Keeping the order fixed lets tests replay a method's randomness.
+    `label_drop`). Keeping the order fixed lets tests replay a method's randomness. Under torchrun
+    t and eps are this rank's rows of draws for the global batch (cm/distributed.py).
     """
-    t = diffusion.sample_timesteps(len(x0), x0.device)          # (N,)
-    eps = torch.randn_like(x0)                                  # (N, C, H, W)
+    n, shape = len(x0), x0.shape[1:]
+    t = distributed.draw(lambda m: diffusion.sample_timesteps(m, x0.device), n)                      # (N,)
+    eps = distributed.draw(lambda m: torch.randn((m, *shape), dtype=x0.dtype, device=x0.device), n)  # (N, C, H, W)
     x_t = diffusion.q_sample(x0, t, eps)                        # (N, C, H, W)
+    # The coin comes from the CPU generator: reading it never waits for an accelerator.
     cond = None if torch.rand(()).item() < label_drop else y
     return t, eps, x_t, cond

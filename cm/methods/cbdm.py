@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from cm import distributed
 from cm.diffusion import GaussianDiffusion
 from cm.methods.base import LossOutput, Method, noised_batch
 
@@ -66,13 +67,15 @@ class CBDM(Method):
         if cond is None:
             pred = net(x_t, t, None)
             loss = F.mse_loss(pred, eps)
-            return LossOutput(loss, x_t, t, None, pred, {"loss_base": loss.item()})
+            return LossOutput(loss, x_t, t, None, pred, {"loss_base": loss.detach()})
         # y' ~ prior with the torch RNG, so checkpointed RNG state reproduces the run.
-        y_bal = torch.multinomial(self.prior.to(y.device), len(y), replacement=True)  # (N,)
+        if self.prior.device != y.device:  # moved once, not copied every step
+            self.prior = self.prior.to(y.device)
+        y_bal = distributed.draw(lambda m: torch.multinomial(self.prior, m, replacement=True), len(y))  # (N,)
         # One batched pass for y and y'. GroupNorm, attention and dropout act per sample, so this
         # is two passes in one; h and h' are separate slices, so each stop-gradient stays exact.
         h, h_bal = net(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([cond, y_bal])).chunk(2)
         l_ddpm, l_reg, l_com = self.terms(h, h_bal, eps, t)
         loss = l_ddpm + l_reg + self.gamma * l_com
-        return LossOutput(loss, x_t, t, cond, h, {"loss_base": l_ddpm.item(), "loss_cbdm_reg": l_reg.item(),
-                                                  "loss_cbdm_com": l_com.item()})
+        return LossOutput(loss, x_t, t, cond, h, {"loss_base": l_ddpm.detach(), "loss_cbdm_reg": l_reg.detach(),
+                                                  "loss_cbdm_com": l_com.detach()})

@@ -69,8 +69,10 @@ class CapacityManipulation(Method):
             return self.base(net, x0, y)  # L_CM has no weight: spare the theta_g pass
         # h_full = out.pred (the base loss is on it); h_g on the same x_t, t and labels, no stop-gradient.
         out, h_g = full_and_theta_g(self.base, self.passes, net, x0, y)
-        d = (out.pred - h_g).pow(2).flatten(1).mean(1)                 # D_i, (N,)
-        l_cm = (self.class_weight.to(y.device)[y] * d).mean()          # weights use the true label
+        d = (out.pred - h_g).pow(2).flatten(1).mean(1)                 # D_i, (N,), float32 (the U-Net's output)
+        if self.class_weight.device != y.device:  # moved once, not copied every step
+            self.class_weight = self.class_weight.to(y.device)
+        l_cm = (self.class_weight[y] * d).mean()                       # weights use the true label
         out.loss = out.loss + self.lam * l_cm
-        out.stats.update(loss_cm=l_cm.item(), gap=d.mean().item())
+        out.stats.update(loss_cm=l_cm.detach(), gap=d.detach().mean())
         return out

@@ -23,4 +23,4 @@ class DDPM(Method):
         t, eps, x_t, cond = noised_batch(self.diffusion, x0, y, self.label_drop)
         pred = net(x_t, t, cond)
         loss = F.mse_loss(pred, eps)
-        return LossOutput(loss, x_t, t, cond, pred, {"loss_base": loss.item()})
+        return LossOutput(loss, x_t, t, cond, pred, {"loss_base": loss.detach()})

@@ -9,7 +9,8 @@ keeps it only if N_{y_j} >= N_{y_i} (else j = i), and regresses onto
 
     eps'_i = (x_t,i - sqrt(abar_t) x0_j) / sqrt(1 - abar_t) = eps_i + (x0_i - x0_j) / sigma_t.
 
-The partner pool is the batch, so batch size is part of the method. The choice and the target
+The partner pool is the batch, so batch size is part of the method (under torchrun, the global
+batch: partners are chosen among the rows of every rank). The choice and the target
 carry no gradient. As in the released code the target is recalibrated on every step,
 conditional or not, and the gate always uses the true labels.
 """
@@ -19,6 +20,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from cm import distributed
 from cm.diffusion import GaussianDiffusion
 from cm.methods.base import LossOutput, Method, noised_batch
 
@@ -82,10 +84,14 @@ class OC(Method):
 
     def __call__(self, net, x0: torch.Tensor, y: torch.Tensor) -> LossOutput:
         t, eps, x_t, cond = noised_batch(self.diffusion, x0, y, self.label_drop)
-        abar = self.diffusion.alphas_bar
-        j = t2h_partners(x0, eps, t, y, self.class_counts, abar)          # (N,)
-        target = oc_target(x0, eps, t, j, abar)
+        abar = self.diffusion.alphas_bar_on(y.device)
+        if self.class_counts.device != y.device:  # moved once, not copied every step
+            self.class_counts = self.class_counts.to(y.device)
+        # The global batch (identity in one process): partners come from every rank's rows.
+        x0_all, eps_all, t_all, y_all = (distributed.gather(v) for v in (x0, eps, t, y))
+        j = t2h_partners(x0_all, eps_all, t_all, y_all, self.class_counts, abar)   # (N_global,)
+        target = oc_target(x0_all, eps_all, t_all, j, abar)[distributed.local_rows(len(j))]
         pred = net(x_t, t, cond)
         loss = F.mse_loss(pred, target)
         moved = (j != torch.arange(len(j), device=j.device)).float().mean()
-        return LossOutput(loss, x_t, t, cond, pred, {"loss_base": loss.item(), "oc_moved": moved.item()})
+        return LossOutput(loss, x_t, t, cond, pred, {"loss_base": loss.detach(), "oc_moved": moved})

@@ -239,7 +239,8 @@ class UNet(nn.Module):
             if isinstance(block, ResBlock):
                 h = torch.cat([h, skips.pop()], dim=1)
             h = block(h, enc.temb)
-        return self.tail(h)
+        # The parameters' dtype out (float32) whatever autocast ran inside, so every loss term is float32.
+        return self.tail(h).to(self.time_mlp[0].weight.dtype)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         """Predict noise for x (N, C, H, W) at timesteps t (N,) with labels y (N,) or None."""

@@ -8,7 +8,7 @@ from snakemake.utils import validate
 
 from cm.config import ConfigError, check_params, load_yaml
 from cm.method_names import MERGE_ONLY, evaluated_methods
-from cm.pipeline import CODE, RESOURCES, stage_params
+from cm.pipeline import CODE, RESOURCES, stage_params, train_processes
 from cm.runlock import FolderBusyError, claim
 
 # `--config 'seeds=[0,1,2]'` arrives as strings: Snakemake parses lists with YAML's BaseLoader.

@@ -11,7 +11,7 @@ rule train:
         checkpoints=lambda wc: f"results/{wc.experiment}/train/{wc.method}/seed{wc.seed}/checkpoints",
     log:
         "logs/{experiment}/train/{method}/seed{seed}.log",
-    threads: res("train", "threads")
+    threads: res("train", "threads") * train_processes(config)
     resources:
         mem_mb=res("train", "mem_mb"),
         runtime=res("train", "runtime"),
