@@ -169,6 +169,11 @@ def _semantic_checks(params: dict, base_dir: Path) -> None:
                 f"experiments.{name}.diffusion.beta_start = {diffusion['beta_start']!r} is not allowed: "
                 f"must be < beta_end ({diffusion['beta_end']!r})"
             )
+        gpus, batch = params["resources"]["train"]["gpu"], params["experiments"][name]["train"]["batch_size"]
+        if gpus > 1 and batch % gpus:
+            raise ConfigError(
+                f"experiments.{name}.train.batch_size = {batch} is not allowed with resources.train.gpu = {gpus}: "
+                f"must be a multiple of it (each of the {gpus} training processes takes an equal share of a batch)")
 
 
 def _check_theta_g_only(params: dict) -> None:

@@ -46,8 +46,12 @@ def test_defaults_are_filled_in(raw):
 # The catalogue of malformed configurations: (edit, key, value, what is allowed) per case.
 MISTAKES = [
     (lambda r: r["experiments"]["digits_lt"]["train"].update(stepz=5),
-     "experiments.digits_lt.train.stepz", "did you mean 'steps'", "allowed here: batch_size"),
+     "experiments.digits_lt.train.stepz", "did you mean 'steps'", "allowed here: adam, batch_size"),
     (lambda r: r.update(method=["cm"]), "'method'", "did you mean 'methods'", "allowed here"),
+    (lambda r: r["experiments"]["digits_lt"]["train"].update(precision="fp16"),
+     "experiments.digits_lt.train.precision", "'fp16'", "one of fp32, tf32, bf16"),
+    (lambda r: (r["resources"]["train"].update(gpu=2), r["experiments"]["digits_lt"]["train"].update(batch_size=33)),
+     "experiments.digits_lt.train.batch_size = 33", "resources.train.gpu = 2", "multiple of it"),
     (lambda r: r["experiments"]["digits_lt"]["train"].update(steps="many"),
      "experiments.digits_lt.train.steps", "'many'", "type integer"),
     (lambda r: r["experiments"]["digits_lt"]["data"].update(imbalance_ratio=0.5),
