@@ -9,9 +9,9 @@ agree to 1e-4 (absolute, on weights of order 0.1) and not bit for bit. A mistake
 rank drawing its own noise, a rank's rows counted twice, OC's partners chosen within a rank, a
 missing all-reduce) moves weights by 1e-2 or more.
 
-`cm` runs DDPM's whole path (cm = cm+ddpm); with cm+cbdm (the batched y/y' pass), cm+oc (partners
-from the global batch) and the shared-encoder fast mode, every way a method calls the network is
-covered. The tiny preset has no dropout, whose masks a rank draws for its own rows.
+cm+cbdm (CM's two passes and CBDM's batched y/y' pass), cm+oc (partners from the global batch)
+and cm in the shared-encoder fast mode (DDPM's path under it, cm = cm+ddpm) cover every way a
+method calls the network. The tiny preset has no dropout, whose masks a rank draws for its own rows.
 """
 
 from __future__ import annotations
@@ -53,25 +53,37 @@ def prepared(shared_project):
     return shared_project
 
 
+RUNS = {"cm+cbdm": "two", "cm+oc": "two", "cm": "shared_encoder"}
+
+
+@pytest.fixture(scope="module")
+def trained(prepared):
+    """Each method trained by one process and by two (resources.train.gpu: 2), 30 steps."""
+    outputs = {}
+    for method, passes in RUNS.items():
+        out = f"ddp/{method}"
+        run(train_cmd(write_params(prepared, f"one-{passes}.yaml", gpu=0, passes=passes), method, f"{out}/one"),
+            prepared)
+        two = run(train_cmd(write_params(prepared, f"two-{passes}.yaml", gpu=2, passes=passes), method,
+                            f"{out}/two"), prepared)
+        outputs[method] = (prepared / out, two.stderr)
+    return outputs
+
+
 def max_difference(a, b) -> float:
     sa, sb = io.load_torch(a), io.load_torch(b)
     return max((sa[part][k].float() - sb[part][k].float()).abs().max().item()
                for part in ("state_dict", "ema") for k in sa[part])
 
 
-@pytest.mark.parametrize("method,passes", [("cm", "two"), ("cm+cbdm", "two"), ("cm+oc", "two"),
-                                           ("cm", "shared_encoder")])
-def test_two_processes_take_the_steps_of_one(prepared, method, passes):
-    one = write_params(prepared, f"one-{passes}.yaml", gpu=0, passes=passes)
-    two = write_params(prepared, f"two-{passes}.yaml", gpu=2, passes=passes)
-    out = f"ddp/{method}-{passes}"
-    run(train_cmd(one, method, f"{out}/one"), prepared)
-    result = run(train_cmd(two, method, f"{out}/two"), prepared)
-    assert "'processes': 2" in result.stderr, result.stderr[-3000:]  # rank 0's summary line
-    difference = max_difference(prepared / out / "one/model.pt", prepared / out / "two/model.pt")
-    assert 0 < difference < 1e-4 or difference == 0, f"2 processes vs 1: max |dw| = {difference:.2e}"
-    one_history = (prepared / out / "one/history.csv").read_text().splitlines()
-    two_history = (prepared / out / "two/history.csv").read_text().splitlines()
+@pytest.mark.parametrize("method", RUNS)
+def test_two_processes_take_the_steps_of_one(trained, method):
+    out, log = trained[method]
+    assert "'processes': 2" in log, log[-3000:]  # rank 0's summary line
+    difference = max_difference(out / "one/model.pt", out / "two/model.pt")
+    assert difference < 1e-4, f"2 processes vs 1: max |dw| = {difference:.2e}"
+    one_history = (out / "one/history.csv").read_text().splitlines()
+    two_history = (out / "two/history.csv").read_text().splitlines()
     assert one_history[0] == two_history[0] and len(one_history) == len(two_history) == 4  # 3 log steps
     for a, b in zip(one_history[1:], two_history[1:]):  # losses logged as the global batch's mean
         assert [float(v) for v in a.split(",")] == pytest.approx([float(v) for v in b.split(",")], rel=1e-4)
@@ -86,11 +98,9 @@ def test_a_batch_that_does_not_split_is_refused_before_any_process_starts(prepar
     assert not (prepared / "ddp/odd").exists()
 
 
-def test_a_killed_two_process_run_resumes_to_the_same_weights(prepared):
-    params = write_params(prepared, "two-resume.yaml", gpu=2, checkpoint_every=5, steps=40)
-    run(train_cmd(params, "cm+cbdm", "ddp/resume/reference"), prepared)
-    target = "ddp/resume/killed"
-    proc = start(train_cmd(params, "cm+cbdm", target), prepared)
+def test_a_killed_two_process_run_resumes_to_the_same_weights(prepared, trained):
+    target = "ddp/resume"
+    proc = start(train_cmd("two-two.yaml", "cm+cbdm", target), prepared)
     wait_for(lambda: checkpoint_steps(prepared / target) or proc.poll() is not None, what="a checkpoint")
     time.sleep(0.3)
     family = [proc.pid] + [p.pid for p in psutil.Process(proc.pid).children(recursive=True)]
@@ -101,7 +111,7 @@ def test_a_killed_two_process_run_resumes_to_the_same_weights(prepared):
             pass
     proc.wait()
     saved = checkpoint_steps(prepared / target)
-    assert saved and saved[-1] < 40 and not (prepared / target / "model.pt").exists()
-    again = run(train_cmd(params, "cm+cbdm", target), prepared)
+    assert saved and saved[-1] < 30 and not (prepared / target / "model.pt").exists()
+    again = run(train_cmd("two-two.yaml", "cm+cbdm", target), prepared)
     assert "resuming from" in again.stderr
-    assert same_weights(prepared / target / "model.pt", prepared / "ddp/resume/reference/model.pt")
+    assert same_weights(prepared / target / "model.pt", trained["cm+cbdm"][0] / "two/model.pt")
