@@ -195,8 +195,27 @@ def cmd_evaluate(args) -> None:
                 artifacts=[args.out])
 
 
+def cmd_probe(args) -> None:
+    from cm.probe import probe_model
+    from cm.tracking import stage_run
+
+    params, experiment = _setup(args)
+    with stage_run(params["tracking"], stage="probe", experiment=args.experiment, method=args.method,
+                   seed=args.seed, params=experiment["probe"]) as run:
+        try:
+            result = probe_model(args.model, io.read_json(args.manifest), experiment)
+        except ValueError as err:  # a model or settings that do not fit the data: the user's to fix
+            raise ConfigError(f"probe {args.method} seed {args.seed}: {err}") from None
+        io.write_json(args.out, result)
+        dominance = result["dominance"]["overall"]
+        log.info("probed %s seed %d: pruning %.0f%% of weights, majority-dominated matrices %s of %s",
+                 args.method, args.seed, 100 * experiment["probe"]["fraction"], dominance["majority_dominated"],
+                 dominance["defined"])
+        run.log(metrics={"majority_dominated_fraction": dominance["fraction"]}, artifacts=[args.out])
+
+
 def cmd_report(args) -> None:
-    from cm.method_names import evaluated_methods
+    from cm.method_names import MERGE_ONLY, evaluated_methods
     from cm.report import write_report
     from cm.tracking import stage_run
 
@@ -208,14 +227,17 @@ def cmd_report(args) -> None:
                 for m in methods for s in seeds]
         # The grid of a method shows its first seed.
         grids = {m: Path(args.samples_dir) / m / f"seed{seeds[0]}" / "samples.npz" for m in methods}
+        probes = [{"method": m, "seed": s, "result": io.read_json(Path(args.probe_dir) / m / f"seed{s}.json")}
+                  for m in methods if m not in MERGE_ONLY for s in seeds]  # trained models only
         out_dir = Path(args.out_dir)
         rows = write_report(experiment=args.experiment, runs=runs, samples=grids,
                             manifest=io.read_json(args.manifest), evaluator=io.read_json(args.evaluator_report),
-                            out_dir=out_dir)
+                            out_dir=out_dir, probes=probes,
+                            probe_fraction=params["experiments"][args.experiment]["probe"]["fraction"])
         print((out_dir / "summary.md").read_text())
         run.log(metrics={f"{row['method']}.{k}": v for row in rows for k, v in row.items()},
                 artifacts=[out_dir / "summary.csv", out_dir / "per_class.csv", out_dir / "summary.md",
-                           *sorted((out_dir / "grids").glob("*.png"))])
+                           out_dir / "probe.csv", out_dir / "probe.png", *sorted((out_dir / "grids").glob("*.png"))])
 
 
 def cmd_register_dvc(args) -> None:
@@ -331,9 +353,15 @@ def build_parser() -> argparse.ArgumentParser:
                        ("out", "the metrics to write (.json)"),
                        ("features-out", "the generated images' features to write (.npz)")):
         p.add_argument(f"--{name}", required=True, help=text)
+    p = stage("probe", cmd_probe, "pruning probe, theta_g probe and gradient dominance of a trained model",
+              run=True)
+    p.add_argument("--model", required=True, help="a trained checkpoint (train's --out)")
+    p.add_argument("--manifest", required=True, help="the training set's manifest (prepare-data's --out)")
+    p.add_argument("--out", required=True, help="the probes' results to write (.json)")
     p = stage("report", cmd_report, "summary tables and sample grids of one experiment")
     p.add_argument("--metrics-dir", required=True, help="holds <method>/seed<seed>.json per run")
     p.add_argument("--samples-dir", required=True, help="holds <method>/seed<seed>/samples.npz per run")
+    p.add_argument("--probe-dir", required=True, help="holds <method>/seed<seed>.json per trained model")
     p.add_argument("--manifest", required=True, help="the training set's manifest (prepare-data's --out)")
     p.add_argument("--evaluator-report", required=True, help="the feature network's report (its accuracy)")
     p.add_argument("--out-dir", required=True, help="folder for summary.csv/.md, per_class.csv and grids/")

@@ -18,6 +18,7 @@ CODE = {
     "merge": ["cm/lowrank.py", "cm/merge.py", "cm/models"],
     "sample": ["cm/diffusion.py", "cm/models", "cm/sample.py"],
     "evaluate": ["cm/evaluate.py", "cm/metrics"],
+    "probe": ["cm/data", "cm/diffusion.py", "cm/lowrank.py", "cm/merge.py", "cm/models", "cm/probe.py"],
     "report": ["cm/report.py"],
 }
 
@@ -25,7 +26,8 @@ CODE = {
 # with whoever runs it (Snakemake, DVC, SLURM, by hand), so results never depend on the machine's
 # core count; the Snakefile schedules the job with the same entry.
 RESOURCES = {"prepare_data": "default", "train_evaluator": "evaluate", "reference_features": "evaluate",
-             "train": "train", "merge": "default", "sample": "sample", "evaluate": "evaluate", "report": "default"}
+             "train": "train", "merge": "default", "sample": "sample", "evaluate": "evaluate", "probe": "evaluate",
+             "report": "default"}
 
 
 def train_processes(params: dict) -> int:
@@ -53,6 +55,7 @@ PARAMS = {
     "merge": [threads_key("merge")],
     "sample": ["experiments.{experiment}.diffusion", "experiments.{experiment}.sample", threads_key("sample")],
     "evaluate": ["experiments.{experiment}.data", "experiments.{experiment}.evaluate", threads_key("evaluate")],
+    "probe": ["experiments.{experiment}.diffusion", "experiments.{experiment}.probe", threads_key("probe")],
     "report": ["methods", "theta_g_only", "seeds"],
 }
 THREAD_DEPENDENT = tuple(stage for stage, keys in PARAMS.items() if threads_key(stage) in keys)
@@ -87,6 +90,6 @@ def dvc_stage_names(params: dict, experiment: str) -> list[str]:
         return [f"{stage}@{experiment}-{m}-{s}" for stage in stages for m in methods for s in params["seeds"]]
 
     shared = [f"{stage}@{experiment}" for stage in ("prepare_data", "train_evaluator", "reference_features")]
-    return (shared + per_run(("train", "merge", "sample", "evaluate"), params["methods"])
+    return (shared + per_run(("train", "merge", "sample", "evaluate", "probe"), params["methods"])
             + per_run(("merge_gonly", "sample_gonly", "evaluate_gonly"), params["theta_g_only"])
             + [f"report@{experiment}"])

@@ -469,3 +469,35 @@ def gradient_dominance(net: nn.Module, images: torch.Tensor, labels: torch.Tenso
     return {"tensors": rows, "by_block": _majority_share_by(rows, "block"), "by_part": _majority_share_by(rows, "part"),
             "overall": _majority_share(rows),
             "samples": samples, "batches": batches, "batch_size": batch_size, "seed": seed}
+
+
+# ----------------------------------------------------------------------------------------------
+# The pipeline's probe stage
+
+
+def probe_model(model_path: str | Path, manifest: dict, experiment: dict) -> dict:
+    """Every probe of one trained model on its training set (experiment's `probe` settings): the
+    pruning probe, for a model with low-rank branches the theta_g probe (else None), and the
+    gradient dominance over the manifest's many/medium/few split."""
+    from cm.data import load_training_set
+
+    settings = experiment["probe"]
+    net, config = load_trained_network(model_path)
+    if config["num_classes"] != manifest["num_classes"]:
+        raise ValueError(f"{model_path}: the model has {config['num_classes']} classes, the training set "
+                         f"{manifest['num_classes']}: not a model of this experiment")
+    data = load_training_set(manifest)
+    images, labels = as_model_inputs(data.images, data.labels)
+    diffusion = GaussianDiffusion(**experiment["diffusion"])
+    scored = dict(draws=settings["draws"], seed=settings["seed"], batch_size=settings["batch_size"],
+                  class_counts=manifest["class_counts"])
+    has_branches = any(True for _ in branches(net))
+    return {
+        "pruning": pruning_probe(net, images, labels, manifest["num_classes"], diffusion,
+                                 fraction=settings["fraction"], scope=settings["scope"], **scored),
+        "theta_g": theta_g_probe(net, images, labels, manifest["num_classes"], diffusion, **scored)
+        if has_branches else None,
+        "dominance": gradient_dominance(net, images, labels, manifest["splits"], diffusion,
+                                        batches=settings["dominance_batches"], batch_size=settings["batch_size"],
+                                        seed=settings["seed"]),
+    }

@@ -99,7 +99,9 @@ def per_class_rows(runs: list[dict], manifest: dict) -> list[dict]:
 
 def to_csv(rows: list[dict]) -> str:
     buffer = _io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]), lineterminator="\n")
+    # Every key of any row, in first-seen order; a row without one leaves its cell empty.
+    writer = csv.DictWriter(buffer, fieldnames=list(dict.fromkeys(k for row in rows for k in row)),
+                            lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
     return buffer.getvalue()
@@ -186,16 +188,125 @@ def sample_grid(images: np.ndarray, labels: np.ndarray, manifest: dict, path: Pa
     plt.close(fig)
 
 
+PROBES = {"pruning": ("loss_raw", "pruned"), "theta_g": ("loss_full", "theta_g only")}
+BLOCK_ORDER = ["encoder", "middle", "decoder"]
+
+
+def probe_rows(probes: list[dict], manifest: dict) -> list[dict]:
+    """Per trained method and class, head to tail: the relative loss change of the pruning probe and
+    (CM runs) of theta_g against the full model, mean and std over seeds (the probes' JSONs)."""
+    rows = []
+    for method in dict.fromkeys(p["method"] for p in probes):
+        runs = [p["result"] for p in probes if p["method"] == method]
+        for c in head_to_tail(manifest["class_counts"]):
+            row = {"method": method, "class": c, "count": manifest["class_counts"][c], "seeds": len(runs)}
+            for probe in PROBES:
+                if runs[0][probe] is not None:
+                    row[f"{probe}_change"], row[f"{probe}_change_std"] = mean_std(
+                        [r[probe]["relative_change"][c] for r in runs])
+                    row[f"{probe}_change_se"] = float(np.mean([r[probe]["relative_change_se"][c] for r in runs]))
+            rows.append(row)
+    return rows
+
+
+def dominance_rows(probes: list[dict]) -> list[dict]:
+    """Per trained method: the share of parameter matrices the majority dominates, per block and,
+    for CM runs, per part (W_g, BA), mean over seeds."""
+    rows = []
+    for method in dict.fromkeys(p["method"] for p in probes):
+        runs = [p["result"]["dominance"] for p in probes if p["method"] == method]
+        row = {"method": method, "overall": float(np.mean([r["overall"]["fraction"] for r in runs]))}
+        for group in ("by_block", "by_part"):
+            for key in runs[0][group]:
+                shares = [r[group][key]["fraction"] for r in runs if r[group][key]["fraction"] is not None]
+                row[key] = float(np.mean(shares)) if shares else None
+        rows.append(row)
+    return rows
+
+
+def probe_markdown(rows: list[dict], dominance: list[dict], manifest: dict, fraction: float) -> str:
+    """The probes' section of summary.md: relative loss change by many/medium/few, dominance by block."""
+    splits = manifest["splits"]
+    lines = ["", "## Capacity probes", "",
+             f"Relative change of each class's diffusion loss, (L_modified - L) / L, averaged over the classes "
+             f"of each group: `pruned` zeroes the {fraction:.0%} smallest-|w| weights (paper Fig. 1b), "
+             "`theta_g only` drops CM's reserved branches (Table 7). Larger means the group relied more on "
+             "what was removed.", "",
+             "| method | probe | " + " | ".join(splits) + " |", "|---|---|" + "---|" * len(splits)]
+    for method in dict.fromkeys(r["method"] for r in rows):
+        mine = [r for r in rows if r["method"] == method]
+        for probe, (_, label) in PROBES.items():
+            if f"{probe}_change" in mine[0]:
+                cells = [np.mean([r[f"{probe}_change"] for r in mine if r["class"] in classes])
+                         for classes in splits.values()]
+                lines.append(f"| {method} | {label} | " + " | ".join(f"{v:+.3g}" for v in cells) + " |")
+    parts = [key for key in dict.fromkeys(k for row in dominance for k in row) if key not in ("method", "overall")]
+    lines += ["", "Share of parameter matrices whose full-batch gradient follows the many classes' gradient "
+              "more than the few classes' (cosine; Thm. 2.1 measured):", "",
+              "| method | all | " + " | ".join(parts) + " |", "|---|---|" + "---|" * len(parts)]
+    for row in dominance:
+        lines.append(f"| {row['method']} | {row['overall']:.2f} | "
+                     + " | ".join("" if row.get(k) is None else f"{row[k]:.2f}" for k in parts) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def probe_figure(rows: list[dict], dominance: list[dict], manifest: dict, path: Path, title: str) -> None:
+    """Left: the pruning probe's relative loss change per class, head to tail, a line per method
+    (error bars: std over seeds, or the standard error with one seed). Right: the majority-dominated
+    share of matrices per block and method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    order = head_to_tail(manifest["class_counts"])
+    names = manifest["class_names"]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 3.8), gridspec_kw={"width_ratios": [3, 2]})
+    for method in dict.fromkeys(r["method"] for r in rows):
+        mine = {r["class"]: r for r in rows if r["method"] == method}
+        spread = "pruning_change_std" if mine[order[0]]["seeds"] > 1 else "pruning_change_se"
+        left.errorbar(range(len(order)), [mine[c]["pruning_change"] for c in order],
+                      yerr=[mine[c][spread] for c in order], marker="o", ms=3, capsize=2, label=method)
+    left.set_xticks(range(len(order)), [f"{names[c]}\n({manifest['class_counts'][c]})" for c in order], fontsize=7)
+    left.set_ylabel("relative loss change after pruning")
+    left.set_xlabel("class (training count), head to tail")
+    left.axhline(0, color="grey", lw=0.5)
+    left.legend(fontsize=8)
+    width = 0.8 / len(dominance)
+    for k, row in enumerate(dominance):
+        right.bar([i + k * width for i in range(len(BLOCK_ORDER))], [row.get(b) or 0.0 for b in BLOCK_ORDER],
+                  width=width, label=row["method"])
+    right.set_xticks([i + 0.4 - width / 2 for i in range(len(BLOCK_ORDER))], BLOCK_ORDER)
+    right.set_ylim(0, 1)
+    right.set_ylabel("majority-dominated share of matrices")
+    right.legend(fontsize=8)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    with io.atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+
+
 def write_report(*, experiment: str, runs: list[dict], samples: dict[str, str], manifest: dict,
-                 evaluator: dict, out_dir: str | Path) -> list[dict]:
-    """summary.csv, per_class.csv, summary.md, metrics.json and grids/<method>.png under `out_dir`."""
+                 evaluator: dict, out_dir: str | Path, probes: list[dict] = (),
+                 probe_fraction: float = 0.1) -> list[dict]:
+    """summary.csv, per_class.csv, summary.md, metrics.json and grids/<method>.png under `out_dir`;
+    with probes ({"method", "seed", "result"} per trained model, from the probe stage) also
+    probe.csv, probe.png and the probes' section of summary.md."""
     out_dir = Path(out_dir)
     rows = summarise(runs)
     io.write_text(out_dir / "summary.csv", to_csv(rows))
     io.write_json(out_dir / "metrics.json", experiment_metrics(rows))
     io.write_text(out_dir / "per_class.csv", to_csv(per_class_rows(runs, manifest)))
-    io.write_text(out_dir / "summary.md", to_markdown(rows, experiment=experiment, manifest=manifest,
-                                                       evaluator=evaluator))
+    summary = to_markdown(rows, experiment=experiment, manifest=manifest, evaluator=evaluator)
+    if probes:
+        per_class_probes, dominance = probe_rows(probes, manifest), dominance_rows(probes)
+        io.write_text(out_dir / "probe.csv", to_csv(per_class_probes))
+        summary += probe_markdown(per_class_probes, dominance, manifest, probe_fraction)
+        probe_figure(per_class_probes, dominance, manifest, out_dir / "probe.png",
+                     title=f"{experiment}: capacity probes (pruning {probe_fraction:.0%} of weights; "
+                           "gradient dominance per block)")
+    io.write_text(out_dir / "summary.md", summary)
     for method, path in samples.items():
         arrays = io.load_npz(path, required=("images", "labels"))
         images = arrays["images"]

@@ -192,7 +192,9 @@ class Trainer:
         ema_weight = 1.0 - self.cfg["ema_decay"]
         if self.on_device:
             self.optimizer.found_inf = bad.float()  # fused Adam skips the update (GradScaler's protocol)
-            ema_weight = ema_weight * (~bad)        # and the EMA lerps by 0
+            # and the EMA lerps by 0. One device weight per tensor: lerp's scalar form would read a
+            # tensor weight on the host.
+            ema_weight = [ema_weight * (~bad)] * len(self.ema_params)
         elif not self.loss_check and bad:           # under torchrun without fused Adam: a host read
             return
         self.optimizer.step()

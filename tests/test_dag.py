@@ -107,7 +107,7 @@ def test_snakemake_schedules_each_stage_with_the_thread_count_it_computes_with(p
         params["resources"][entry]["threads"] = threads
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     expected = {"prepare_data": 5, "train_evaluator": 4, "reference_features": 4, "train": 3, "merge": 5,
-                "sample": 2, "evaluate": 4, "report": 5}
+                "sample": 2, "evaluate": 4, "probe": 4, "report": 5}
     out = run(["snakemake", "--dry-run", "--printshellcmds", "--forceall", "--cores", "8"], project).stdout
     loaded, parser, seen = cfg.load_params(project / "params.yaml"), build_parser(), set()
     for block in re.split(r"\n(?:local)?rule ", out)[1:]:

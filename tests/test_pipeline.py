@@ -21,7 +21,7 @@ from tests.test_config import DUPLICATES, MISTAKES
 
 pytestmark = pytest.mark.e2e
 STAGE_RUNS = {"prepare_data": 1, "train_evaluator": 1, "reference_features": 1, "train": 2, "merge": 2,
-              "sample": 2, "evaluate": 2, "report": 1}
+              "sample": 2, "evaluate": 2, "probe": 2, "report": 1}
 
 
 def stage_runs(project):
@@ -50,6 +50,11 @@ def check_products(project):
     assert {k: v.shape for k, v in merged["cm"].items()} == {k: v.shape for k, v in merged["ddpm"].items()}
     trained = io.load_torch(exp / "train" / "cm" / "seed0" / "model.pt")["ema"]
     assert any(k.endswith(".A") for k in trained) and not any(k.endswith(".A") for k in merged["cm"])
+    probes = {m: io.read_json(exp / "probe" / m / "seed0.json") for m in ("ddpm", "cm")}
+    assert probes["ddpm"]["theta_g"] is None and len(probes["cm"]["theta_g"]["relative_change"]) == 10
+    assert probes["cm"]["pruning"]["prune"]["zeroed"] == round(0.1 * probes["cm"]["pruning"]["prune"]["considered"])
+    assert matplotlib.image.imread(exp / "report" / "probe.png").shape[0] > 100
+    assert "## Capacity probes" in (exp / "report" / "summary.md").read_text()
 
 
 def dvc_is_clean(project):

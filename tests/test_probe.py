@@ -428,3 +428,37 @@ def test_dominance_needs_images_of_both_groups_in_its_batches():
     with pytest.raises(ValueError, match="raise batches or batch_size"):
         gradient_dominance(tiny_unet(), images, labels, {"many": [0], "few": [3]}, DIFFUSION, batches=1,
                            batch_size=2, seed=1)
+
+
+def test_the_probe_stage_refuses_a_model_of_other_classes_in_one_line(tmp_path):
+    """`python -m cm probe` with a 4-class model on the 10-class digits set: one line, nothing written."""
+    import os
+    import subprocess
+    import sys
+
+    import yaml
+
+    from cm import config as cfg
+    from cm.data import build_manifest
+    from tests.conftest import ROOT
+
+    config = {"preset": "tiny", "num_classes": 4, "in_channels": 1, "image_size": 8, "rank_ratio": 0.25,
+              "branch_scale": 1.0, "branch_layers": "decoder"}
+    net = tiny_unet(cm=True, seed=0)
+    io.save_torch(tmp_path / "model.pt", {"format": "cm.model/1", "config": config, "method": "cm", "step": 1,
+                                          "state_dict": net.state_dict(), "ema": net.state_dict()})
+    params = cfg.load_yaml(ROOT / "params.yaml")
+    params["tracking"]["enabled"] = False
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    io.write_json(tmp_path / "manifest.json", build_manifest(cfg.load_params(tmp_path / "params.yaml")
+                                                             ["experiments"]["digits_lt"]["data"]))
+    result = subprocess.run([sys.executable, "-m", "cm", "probe",
+                             "--experiment", "digits_lt", "--method", "cm", "--seed", "0",
+                             "--model", str(tmp_path / "model.pt"), "--manifest", str(tmp_path / "manifest.json"),
+                             "--out", str(tmp_path / "probe.json")],
+                            capture_output=True, text=True, cwd=tmp_path, env={**os.environ, "CM_PROGRESS": "0"})
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert lines[-1] == (f"error: probe cm seed 0: {tmp_path / 'model.pt'}: the model has 4 classes, the training "
+                         "set 10: not a model of this experiment")
+    assert not (tmp_path / "probe.json").exists()

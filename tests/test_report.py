@@ -76,3 +76,44 @@ def test_per_class_table_head_to_tail_with_spread_over_seeds():
     assert b["train_count"] == 9 and b["fid_floor"] == pytest.approx(0.2)
     assert b["cm.fid"] == 4.0 and b["cm.fid_std"] == pytest.approx(statistics.stdev([2.0, 6.0]))
     assert b["ddpm.fid"] == 4.0 and b["ddpm.fid_std"] == 0.0 and b["cm.acc"] == 0.25
+
+
+def fake_probe(changes, theta_g=None, shares=(0.5, 1.0, 0.25)):
+    """A probe stage's JSON with the given per-class relative changes and block shares."""
+    def comparison(values):
+        return {"relative_change": list(values), "relative_change_se": [0.01] * len(values)}
+
+    blocks = dict(zip(("encoder", "middle", "decoder"), shares))
+    return {"pruning": comparison(changes), "theta_g": None if theta_g is None else comparison(theta_g),
+            "dominance": {"overall": {"fraction": float(np.mean(shares))},
+                          "by_block": {k: {"fraction": v} for k, v in blocks.items()},
+                          "by_part": {"W_g": {"fraction": 0.5}, **({"BA": {"fraction": 1.0}} if theta_g else {})}}}
+
+
+def test_probe_tables_average_seeds_and_groups_as_stated(tmp_path):
+    from cm.report import dominance_rows, probe_markdown, probe_rows, write_report
+
+    manifest = {"class_counts": [1, 3, 2], "class_names": ["a", "b", "c"],
+                "splits": {"many": [1], "medium": [2], "few": [0]}, "source": {"name": "digits"},
+                "profile": "exponential", "imbalance_ratio": 3}
+    probes = [{"method": "ddpm", "seed": 0, "result": fake_probe([0.3, 0.1, 0.2])},
+              {"method": "ddpm", "seed": 1, "result": fake_probe([0.5, 0.1, 0.4])},
+              {"method": "cm", "seed": 0, "result": fake_probe([0.2, 0.0, 0.1], theta_g=[0.6, 0.0, 0.2])}]
+    rows = probe_rows(probes, manifest)
+    assert [(r["method"], r["class"]) for r in rows] == [("ddpm", 1), ("ddpm", 2), ("ddpm", 0),
+                                                         ("cm", 1), ("cm", 2), ("cm", 0)]  # head to tail
+    few = rows[2]
+    assert few["pruning_change"] == pytest.approx(0.4) and few["pruning_change_std"] == pytest.approx(
+        statistics.stdev([0.3, 0.5]))
+    assert "theta_g_change" not in few and rows[5]["theta_g_change"] == pytest.approx(0.6)
+    dominance = dominance_rows(probes)
+    assert dominance[0]["decoder"] == 0.25 and dominance[1]["BA"] == 1.0 and "BA" not in dominance[0]
+    text = probe_markdown(rows, dominance, manifest, 0.1)
+    assert "| cm | theta_g only | +0 | +0.2 | +0.6 |" in text  # many, medium, few
+    assert "| ddpm | pruned | +0.1 | +0.3 | +0.4 |" in text
+    assert "| ddpm | 0.58 | 0.50 | 1.00 | 0.25 | 0.50 |  |" in text
+    runs = [{"method": "ddpm", "seed": 0, "metrics": fake_metrics(1.0)}]
+    write_report(experiment="x", runs=runs, samples={}, manifest=manifest, evaluator={}, out_dir=tmp_path,
+                 probes=probes, probe_fraction=0.1)
+    assert matplotlib.image.imread(tmp_path / "probe.png").shape[0] > 100
+    assert (tmp_path / "probe.csv").read_text().splitlines()[0].startswith("method,class,count,seeds,pruning_change")

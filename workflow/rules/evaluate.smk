@@ -69,3 +69,26 @@ rule evaluate:
         " --reference {input.reference} --stats {input.stats} --manifest {input.manifest}"
         " --out {output.metrics} --features-out {output.features}"
         " > {log} 2>&1"
+
+
+rule probe:
+    input:
+        code("probe"),
+        model="results/{experiment}/train/{method}/seed{seed}/model.pt",
+        manifest="results/{experiment}/data/manifest.json",
+    output:
+        "results/{experiment}/probe/{method}/seed{seed}.json",
+    params:
+        settings=settings("probe"),
+    log:
+        "logs/{experiment}/probe/{method}/seed{seed}.log",
+    threads: res("probe", "threads")
+    resources:
+        mem_mb=res("probe", "mem_mb"),
+        runtime=res("probe", "runtime"),
+    conda:
+        "../../envs/cm.yaml"
+    shell:
+        "python -m cm probe --experiment {wildcards.experiment} --method {wildcards.method}"
+        " --seed {wildcards.seed} --model {input.model} --manifest {input.manifest} --out {output}"
+        " > {log} 2>&1"

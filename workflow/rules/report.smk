@@ -3,6 +3,8 @@ rule report:
         code("report"),
         metrics=run_files("results/{experiment}/metrics/{method}/seed{seed}.json"),
         samples=run_files("results/{experiment}/samples/{method}/seed{seed}/samples.npz"),
+        probes=expand("results/{{experiment}}/probe/{method}/seed{seed}.json", method=config["methods"],
+                      seed=config["seeds"]),
         manifest="results/{experiment}/data/manifest.json",
         evaluator_report="results/{experiment}/evaluator/report.json",
     output:
@@ -10,6 +12,8 @@ rule report:
         md="results/{experiment}/report/summary.md",
         metrics="results/{experiment}/report/metrics.json",
         per_class=report("results/{experiment}/report/per_class.csv", category="Per class"),
+        probe_csv=report("results/{experiment}/report/probe.csv", category="Capacity probes"),
+        probe_png=report("results/{experiment}/report/probe.png", category="Capacity probes"),
         grids=report(
             directory("results/{experiment}/report/grids"),
             patterns=["{method}.png"],
@@ -32,7 +36,8 @@ rule report:
     shell:
         "python -m cm report --experiment {wildcards.experiment}"
         " --metrics-dir results/{wildcards.experiment}/metrics"
-        " --samples-dir results/{wildcards.experiment}/samples --manifest {input.manifest}"
+        " --samples-dir results/{wildcards.experiment}/samples --probe-dir results/{wildcards.experiment}/probe"
+        " --manifest {input.manifest}"
         " --evaluator-report {input.evaluator_report} --out-dir results/{wildcards.experiment}/report"
         " --methods {params.methods} --seeds {params.seeds} > {log} 2>&1"
 
