@@ -1,5 +1,6 @@
 # Two commands do all the set-up on a fresh clone:
-#   make run    create .venv when missing, then run the pipeline (snakemake --cores all)
+#   make run    create .venv when missing, run the pipeline (snakemake --cores all) and write
+#               its HTML report (results/report.html)
 #   make test   create .venv when missing, then run the test suite
 # Both are idempotent: the environment is rebuilt only when pyproject.toml changes.
 
@@ -17,7 +18,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 run: $(STAMP)
-	. $(VENV)/bin/activate && snakemake --cores all
+	. $(VENV)/bin/activate && snakemake --cores all && snakemake --report results/report.html
 
 test: $(STAMP)
 	. $(VENV)/bin/activate && python -m pytest

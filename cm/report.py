@@ -287,17 +287,47 @@ def probe_figure(rows: list[dict], dominance: list[dict], manifest: dict, path: 
     plt.close(fig)
 
 
+def per_class_fid_figure(rows: list[dict], methods: list[str], path: Path, title: str) -> None:
+    """Per-class FID, classes head to tail, one bar group per class with a bar per method (error
+    bars: std over seeds) and the real-versus-real floor as a mark."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    width = 0.8 / len(methods)
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.6 * len(rows) * len(methods) + 2), 3.6))
+    for k, method in enumerate(methods):
+        ax.bar([i + k * width for i in range(len(rows))], [r[f"{method}.fid"] for r in rows], width=width,
+               yerr=[r[f"{method}.fid_std"] for r in rows], capsize=2, label=method)
+    centres = [i + 0.4 - width / 2 for i in range(len(rows))]
+    ax.scatter(centres, [r["fid_floor"] for r in rows], marker="_", s=200, color="black", label="real vs real")
+    ax.set_xticks(centres, [f"{r['name']}\n({r['train_count']})" for r in rows], fontsize=7)
+    ax.set_xlabel("class (training count), head to tail")
+    ax.set_ylabel("per-class FID (lower is better)")
+    ax.legend(fontsize=8)
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    with io.atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+
+
 def write_report(*, experiment: str, runs: list[dict], samples: dict[str, str], manifest: dict,
                  evaluator: dict, out_dir: str | Path, probes: list[dict] = (),
                  probe_fraction: float = 0.1) -> list[dict]:
-    """summary.csv, per_class.csv, summary.md, metrics.json and grids/<method>.png under `out_dir`;
+    """summary.csv, per_class.csv, per_class_fid.png, summary.md, metrics.json and grids/<method>.png
+    under `out_dir`;
     with probes ({"method", "seed", "result"} per trained model, from the probe stage) also
     probe.csv, probe.png and the probes' section of summary.md."""
     out_dir = Path(out_dir)
     rows = summarise(runs)
     io.write_text(out_dir / "summary.csv", to_csv(rows))
     io.write_json(out_dir / "metrics.json", experiment_metrics(rows))
-    io.write_text(out_dir / "per_class.csv", to_csv(per_class_rows(runs, manifest)))
+    per_class = per_class_rows(runs, manifest)
+    io.write_text(out_dir / "per_class.csv", to_csv(per_class))
+    per_class_fid_figure(per_class, [row["method"] for row in rows], out_dir / "per_class_fid.png",
+                         title=f"{experiment}: per-class FID in the {rows[0]['feature_extractor']} extractor's space")
     summary = to_markdown(rows, experiment=experiment, manifest=manifest, evaluator=evaluator)
     if probes:
         per_class_probes, dominance = probe_rows(probes, manifest), dominance_rows(probes)

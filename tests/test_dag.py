@@ -77,9 +77,9 @@ def test_snakemake_and_dvc_run_the_same_commands_on_the_same_paths(project, seed
             assert "method_params" in stage["params"]
             expected = [k for k in expected if not k.startswith("method_params.")] + ["method_params"]
         assert stage["params"] == sorted(expected), stage["name"]
-    # Per experiment: 4 shared stages, train/merge/sample/evaluate per method and seed, and
+    # Per experiment: 4 shared stages, train/merge/sample/evaluate/probe per method and seed, and
     # merge/sample/evaluate per theta_g-only model and seed; register_dvc commits exactly DVC's names.
-    assert len(stages) == 4 + (4 * len(params["methods"]) + 3 * len(theta_g_only)) * len(seeds)
+    assert len(stages) == 4 + (5 * len(params["methods"]) + 3 * len(theta_g_only)) * len(seeds)
     assert sorted(dvc_stage_names(params, "digits_lt")) == sorted(s["name"] for s in stages.values())
 
 

@@ -8,6 +8,7 @@ import json
 import math
 import re
 import shutil
+import subprocess
 
 import matplotlib.image
 import mlflow
@@ -80,6 +81,31 @@ def test_snakemake_runs_everything_registers_with_dvc_and_tracks_in_mlflow(proje
     again = run(["snakemake", "--cores", "all"], project)
     assert "Nothing to be done" in again.stdout + again.stderr
     assert len(stage_runs(project)) == len(runs)
+    check_html_report(project)
+
+
+def check_html_report(project):
+    """`make run`'s last step, `snakemake --report`, opened in a real browser (headless chromium):
+    the workflow drawn, every result category in the page, a screenshot that is not blank."""
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    run(["snakemake", "--report", "results/report.html"], project)
+    if browser is None:
+        pytest.skip("chromium is not installed (as root: apt-get install -y chromium, or .ci/install-chromium.sh)")
+    shot = project / "report.png"
+    page = subprocess.run(
+        [browser, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--window-size=1400,900",
+         f"--user-data-dir={project / 'chromium-profile'}", "--virtual-time-budget=10000", f"--screenshot={shot}",
+         "--dump-dom", (project / "results" / "report.html").as_uri()], capture_output=True, text=True, timeout=180)
+    dom = page.stdout
+    for rendered in (">Workflow<", ">Results<", ">probe<", ">report<"):  # the app drew its menu and the DAG
+        assert rendered in dom, f"{rendered!r} not rendered ({len(dom)} characters of DOM)"
+    for content in ("Capacity probes", "Training curves", "Per class", "Samples", "probe.png", "per_class_fid.png",
+                    "Capacity Manipulation aims at the bars on the right."):
+        assert content in dom, f"{content!r} not in the report"
+    pixels = matplotlib.image.imread(shot)[..., :3]
+    assert pixels.shape[:2] == (900, 1400)
+    assert (pixels.std(axis=-1) > 0.05).mean() > 0.001 and (pixels.mean(axis=-1) < 0.5).mean() > 0.005, \
+        "the screenshot is blank"
 
 
 def test_dvc_repro_reproduces_the_pipeline(project):

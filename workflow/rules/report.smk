@@ -8,16 +8,43 @@ rule report:
         manifest="results/{experiment}/data/manifest.json",
         evaluator_report="results/{experiment}/evaluator/report.json",
     output:
-        csv=report("results/{experiment}/report/summary.csv", category="Summary"),
+        csv=report(
+            "results/{experiment}/report/summary.csv",
+            category="{experiment}",
+            subcategory="Summary",
+            caption="../report/summary.rst",
+        ),
         md="results/{experiment}/report/summary.md",
         metrics="results/{experiment}/report/metrics.json",
-        per_class=report("results/{experiment}/report/per_class.csv", category="Per class"),
-        probe_csv=report("results/{experiment}/report/probe.csv", category="Capacity probes"),
-        probe_png=report("results/{experiment}/report/probe.png", category="Capacity probes"),
+        per_class=report(
+            "results/{experiment}/report/per_class.csv",
+            category="{experiment}",
+            subcategory="Per class",
+            caption="../report/per_class.rst",
+        ),
+        per_class_fid=report(
+            "results/{experiment}/report/per_class_fid.png",
+            category="{experiment}",
+            subcategory="Per class",
+            caption="../report/per_class_fid.rst",
+        ),
+        probe_csv=report(
+            "results/{experiment}/report/probe.csv",
+            category="{experiment}",
+            subcategory="Capacity probes",
+            caption="../report/probe_csv.rst",
+        ),
+        probe_png=report(
+            "results/{experiment}/report/probe.png",
+            category="{experiment}",
+            subcategory="Capacity probes",
+            caption="../report/probe.rst",
+        ),
         grids=report(
             directory("results/{experiment}/report/grids"),
             patterns=["{method}.png"],
-            category="Samples",
+            category="{experiment}",
+            subcategory="Samples",
             caption="../report/grids.rst",
         ),
     params:

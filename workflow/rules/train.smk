@@ -4,7 +4,12 @@ rule train:
         manifest="results/{experiment}/data/manifest.json",
     output:
         model="results/{experiment}/train/{method}/seed{seed}/model.pt",
-        history="results/{experiment}/train/{method}/seed{seed}/history.csv",
+        history=report(
+            "results/{experiment}/train/{method}/seed{seed}/history.csv",
+            category="{experiment}",
+            subcategory="Training curves",
+            caption="../report/history.rst",
+        ),
     params:
         settings=settings("train"),
         # Not an output: Snakemake would delete it with a failed job, and resuming needs it.
