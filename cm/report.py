@@ -224,6 +224,28 @@ def dominance_rows(probes: list[dict]) -> list[dict]:
     return rows
 
 
+def theta_g_markdown(rows: list[dict]) -> str:
+    """Table 7 (left) of the paper: every CM run beside its theta_g-only model (branches dropped),
+    FID overall and by many/medium/few, and the change theta_g-only minus full (empty without
+    theta_g_only runs)."""
+    by_method = {row["method"]: row for row in rows}
+    pairs = [(m, f"{m}_gonly") for m in by_method if f"{m}_gonly" in by_method]
+    if not pairs:
+        return ""
+    columns = ["fid", "fid_many", "fid_medium", "fid_few"]
+    lines = ["", "## theta_g only against the full model", "",
+             "FID of each CM run with its reserved branches merged (full) and dropped (theta_g only, the "
+             "paper's Table 7); the change is theta_g only minus full, mean over seeds: a positive change on "
+             "the few classes means they relied on the reserved capacity.", "",
+             "| method | model | " + " | ".join(columns) + " |", "|---|---|" + "---|" * len(columns)]
+    for full, gonly in pairs:
+        for label, name in (("full", full), ("theta_g only", gonly)):
+            lines.append(f"| {full} | {label} | " + " | ".join(f"{by_method[name][c]:.2f}" for c in columns) + " |")
+        lines.append(f"| {full} | change | " + " | ".join(
+            f"{by_method[gonly][c] - by_method[full][c]:+.2f}" for c in columns) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def probe_markdown(rows: list[dict], dominance: list[dict], manifest: dict, fraction: float) -> str:
     """The probes' section of summary.md: relative loss change by many/medium/few, dominance by block."""
     splits = manifest["splits"]
@@ -328,7 +350,7 @@ def write_report(*, experiment: str, runs: list[dict], samples: dict[str, str], 
     io.write_text(out_dir / "per_class.csv", to_csv(per_class))
     per_class_fid_figure(per_class, [row["method"] for row in rows], out_dir / "per_class_fid.png",
                          title=f"{experiment}: per-class FID in the {rows[0]['feature_extractor']} extractor's space")
-    summary = to_markdown(rows, experiment=experiment, manifest=manifest, evaluator=evaluator)
+    summary = to_markdown(rows, experiment=experiment, manifest=manifest, evaluator=evaluator) + theta_g_markdown(rows)
     if probes:
         per_class_probes, dominance = probe_rows(probes, manifest), dominance_rows(probes)
         io.write_text(out_dir / "probe.csv", to_csv(per_class_probes))

@@ -117,3 +117,17 @@ def test_probe_tables_average_seeds_and_groups_as_stated(tmp_path):
                  probes=probes, probe_fraction=0.1)
     assert matplotlib.image.imread(tmp_path / "probe.png").shape[0] > 100
     assert (tmp_path / "probe.csv").read_text().splitlines()[0].startswith("method,class,count,seeds,pruning_change")
+
+
+def test_theta_g_table_pairs_each_cm_run_with_its_theta_g_only_model():
+    from cm.report import theta_g_markdown
+
+    runs = [{"method": "cm", "seed": 0, "metrics": fake_metrics(1.0)},
+            {"method": "cm_gonly", "seed": 0, "metrics": fake_metrics(1.5)},
+            {"method": "ddpm", "seed": 0, "metrics": fake_metrics(3.0)}]
+    text = theta_g_markdown(summarise(runs))
+    fid, many = COLUMNS.index("fid"), COLUMNS.index("fid_many")
+    assert f"| cm | full | {1.0 + fid:.2f} | {1.0 + many:.2f} |" in text
+    assert f"| cm | theta_g only | {1.5 + fid:.2f} | {1.5 + many:.2f} |" in text
+    assert "| cm | change | +0.50 | +0.50 | +0.50 | +0.50 |" in text and "ddpm" not in text
+    assert theta_g_markdown(summarise(runs[2:])) == ""
