@@ -140,10 +140,11 @@ class Objective(nn.Module):
         super().__init__()
         self.net, self.method, self.precision = net, method, precision
 
-    def forward(self, x0: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def forward(self, x0: torch.Tensor, y: torch.Tensor
+                ) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor | None]:
         with accel.autocast(self.precision, x0.device):
             out = self.method(self.net, x0, y)
-        return out.loss, out.stats
+        return out.loss, out.stats, out.per_sample
 
 
 class Trainer:
@@ -176,12 +177,15 @@ class Trainer:
         self.nonfinite = torch.zeros((), dtype=torch.float64, device=device)  # skipped steps, all so far
         self.last_bad = torch.zeros((), device=device)  # the latest skipped step's loss, for the message
         self.sums: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # the log window's (sum, count)
+        # The base loss per class over the window (sum, count): the per-class training loss.
+        classes = getattr(net, "num_classes", None) or 0
+        self.class_sums = torch.zeros((2, classes), dtype=torch.float64, device=device)
 
     def step(self, x0: torch.Tensor, y: torch.Tensor, lr: float) -> None:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.optimizer.zero_grad(set_to_none=True)
-        loss, stats = self.objective(accel.to_layout(x0, self.cfg["channels_last"]), y)
+        loss, stats, per_sample = self.objective(accel.to_layout(x0, self.cfg["channels_last"]), y)
         if self.loss_check and not torch.isfinite(loss):
             self._count_bad(torch.ones((), dtype=torch.bool, device=self.device), loss)
             return
@@ -206,6 +210,9 @@ class Trainer:
             # (sum, count) per key: a statistic may exist on some steps only (CBDM's on conditional ones).
             total, count = self.sums.get(key, (0.0, 0.0))
             self.sums[key] = (value + total, good + count)
+        if per_sample is not None and self.class_sums.shape[1]:
+            per_sample = per_sample.double()
+            self.class_sums.index_add_(1, y, torch.stack([per_sample, torch.ones_like(per_sample)]) * good)
 
     def _count_bad(self, bad: torch.Tensor, loss: torch.Tensor) -> None:
         self.nonfinite += bad
@@ -215,10 +222,18 @@ class Trainer:
         """The log window's means over its finite steps (and over the ranks; empty if none) and the
         count of skipped steps so far: one read from the device. The window starts again."""
         keys = list(self.sums)
-        values = torch.stack([self.nonfinite, *(part for k in keys for part in self.sums[k])])
+        values = torch.cat([torch.stack([self.nonfinite, *(part for k in keys for part in self.sums[k])]),
+                            self.class_sums.flatten()])
         nonfinite, *sums = distributed.mean_over_ranks(values).tolist()
+        classes = self.class_sums.shape[1]
+        n = 2 * len(keys)
+        sums, class_totals, class_counts = sums[:n], sums[n:n + classes], sums[n + classes:]
         self.sums.clear()
+        self.class_sums.zero_()
         means = {k: total / count for k, total, count in zip(keys, sums[::2], sums[1::2]) if count}
+        if means and classes:
+            means.update({f"loss_class_{c}": total / count
+                          for c, (total, count) in enumerate(zip(class_totals, class_counts)) if count})
         return means, int(nonfinite)
 
 

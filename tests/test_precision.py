@@ -40,7 +40,7 @@ def make(method_name: str, preset: str = "small", seed: int = 0):
 def loss_and_grad(net, method, x0, y, precision: str, seed: int = 1):
     torch.manual_seed(seed)  # the same t, eps and labels in both precisions
     net.zero_grad(set_to_none=True)
-    loss, stats = Objective(net, method, precision)(x0, y)
+    loss, stats, _ = Objective(net, method, precision)(x0, y)
     loss.backward()
     grad = torch.cat([p.grad.flatten() for p in net.parameters() if p.grad is not None])
     return loss.detach(), stats, grad

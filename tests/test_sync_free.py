@@ -135,3 +135,18 @@ def test_training_stops_at_the_limit_keeping_the_last_good_checkpoint(tmp_path, 
               device="cpu", progress=False)
     kept = sorted(p.name for p in (tmp_path / "ckpt").rglob("step_*.pt"))
     assert kept == ["step_000000005.pt"] and not (tmp_path / "model.pt").exists()
+
+
+def test_the_window_logs_the_base_loss_per_class():
+    """Per-class training loss: a step of class-0 images then a step of class-2 images; each class's
+    logged loss is its step's base loss, and their mean is the window's base loss."""
+    trainer = make_trainer("fused")
+    x0 = torch.rand(8, 1, 8, 8) * 2 - 1
+    trainer.step(x0, torch.zeros(8, dtype=torch.long), 1e-3)
+    first, _ = trainer.read_window()
+    trainer.step(x0, torch.zeros(8, dtype=torch.long), 1e-3)
+    trainer.step(x0, torch.full((8,), 2), 1e-3)
+    means, _ = trainer.read_window()
+    assert first["loss_class_0"] == pytest.approx(first["loss_base"], rel=1e-6) and "loss_class_2" not in first
+    assert "loss_class_1" not in means  # no class-1 image in the window
+    assert (means["loss_class_0"] + means["loss_class_2"]) / 2 == pytest.approx(means["loss_base"], rel=1e-6)

@@ -21,6 +21,8 @@ class LossOutput:
     pred: torch.Tensor              # (N, C, H, W) the network's eps prediction on x_t
     # Scalars to log, kept on the device (detached): the loop reads them once per log step.
     stats: dict[str, torch.Tensor] = field(default_factory=dict)
+    # The base objective's regression loss per sample (N,), detached: the per-class training loss.
+    per_sample: torch.Tensor | None = None
 
 
 class Method:
@@ -36,6 +38,11 @@ class Method:
 
     def __call__(self, net: nn.Module, x0: torch.Tensor, y: torch.Tensor) -> LossOutput:
         raise NotImplementedError
+
+
+def per_sample_sq(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """mean over pixels of (a - b)^2: (N, C, H, W) x 2 -> (N,)."""
+    return (a - b).pow(2).flatten(1).mean(1)
 
 
 def noised_batch(diffusion, x0: torch.Tensor, y: torch.Tensor, label_drop: float):

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from cm import distributed
 from cm.diffusion import GaussianDiffusion
-from cm.methods.base import LossOutput, Method, noised_batch
+from cm.methods.base import LossOutput, Method, noised_batch, per_sample_sq
 
 LABEL_PRIORS = ("frequency", "uniform")
 
@@ -31,11 +31,6 @@ def label_distribution(class_counts, kind: str) -> torch.Tensor:
     if kind == "uniform":  # the released code's fine-tuning mode
         return torch.full_like(counts, 1.0 / len(counts))
     raise ValueError(f"label_prior = {kind!r} is not allowed: one of {', '.join(LABEL_PRIORS)}")
-
-
-def per_sample_sq(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """mean over pixels of (a - b)^2: (N, C, H, W) x 2 -> (N,)."""
-    return (a - b).pow(2).flatten(1).mean(1)
 
 
 class CBDM(Method):
@@ -67,7 +62,8 @@ class CBDM(Method):
         if cond is None:
             pred = net(x_t, t, None)
             loss = F.mse_loss(pred, eps)
-            return LossOutput(loss, x_t, t, None, pred, {"loss_base": loss.detach()})
+            return LossOutput(loss, x_t, t, None, pred, {"loss_base": loss.detach()},
+                              per_sample_sq(pred.detach(), eps))
         # y' ~ prior with the torch RNG, so checkpointed RNG state reproduces the run.
         if self.prior.device != y.device:  # moved once, not copied every step
             self.prior = self.prior.to(y.device)
@@ -78,4 +74,4 @@ class CBDM(Method):
         l_ddpm, l_reg, l_com = self.terms(h, h_bal, eps, t)
         loss = l_ddpm + l_reg + self.gamma * l_com
         return LossOutput(loss, x_t, t, cond, h, {"loss_base": l_ddpm.detach(), "loss_cbdm_reg": l_reg.detach(),
-                                                  "loss_cbdm_com": l_com.detach()})
+                                                  "loss_cbdm_com": l_com.detach()}, per_sample_sq(h.detach(), eps))

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from cm.diffusion import GaussianDiffusion
-from cm.methods.base import LossOutput, Method, noised_batch
+from cm.methods.base import LossOutput, Method, noised_batch, per_sample_sq
 
 
 class DDPM(Method):
@@ -23,4 +23,4 @@ class DDPM(Method):
         t, eps, x_t, cond = noised_batch(self.diffusion, x0, y, self.label_drop)
         pred = net(x_t, t, cond)
         loss = F.mse_loss(pred, eps)
-        return LossOutput(loss, x_t, t, cond, pred, {"loss_base": loss.detach()})
+        return LossOutput(loss, x_t, t, cond, pred, {"loss_base": loss.detach()}, per_sample_sq(pred.detach(), eps))

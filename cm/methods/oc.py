@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from cm import distributed
 from cm.diffusion import GaussianDiffusion
-from cm.methods.base import LossOutput, Method, noised_batch
+from cm.methods.base import LossOutput, Method, noised_batch, per_sample_sq
 
 
 def _sigma(t: torch.Tensor, alphas_bar: torch.Tensor) -> torch.Tensor:
@@ -94,4 +94,5 @@ class OC(Method):
         pred = net(x_t, t, cond)
         loss = F.mse_loss(pred, target)
         moved = (j != torch.arange(len(j), device=j.device)).float().mean()
-        return LossOutput(loss, x_t, t, cond, pred, {"loss_base": loss.detach(), "oc_moved": moved})
+        return LossOutput(loss, x_t, t, cond, pred, {"loss_base": loss.detach(), "oc_moved": moved},
+                          per_sample_sq(pred.detach(), target))
