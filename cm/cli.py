@@ -237,7 +237,8 @@ def cmd_report(args) -> None:
         print((out_dir / "summary.md").read_text())
         run.log(metrics={f"{row['method']}.{k}": v for row in rows for k, v in row.items()},
                 artifacts=[out_dir / "summary.csv", out_dir / "per_class.csv", out_dir / "summary.md",
-                           out_dir / "probe.csv", out_dir / "probe.png", *sorted((out_dir / "grids").glob("*.png"))])
+                           out_dir / "per_class_fid.png", out_dir / "probe.csv", out_dir / "probe.png",
+                           *sorted((out_dir / "grids").glob("*.png"))])
 
 
 def cmd_register_dvc(args) -> None:
