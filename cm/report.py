@@ -149,6 +149,24 @@ def to_markdown(rows: list[dict], *, experiment: str, manifest: dict, evaluator:
     return "\n".join(lines) + "\n"
 
 
+def _pyplot():
+    """matplotlib's pyplot drawing to files only (no display needed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: Path) -> None:
+    """Lay out, write atomically as a 100-dpi PNG, and free the figure."""
+    fig.tight_layout()
+    with io.atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    _pyplot().close(fig)
+
+
 def grid_canvas(images: np.ndarray, labels: np.ndarray, order: list[int], per_row: int) -> np.ndarray:
     """Row r holds the first `per_row` images of class order[r], with 1-pixel white gaps."""
     h, w, ch = images.shape[1:]
@@ -162,11 +180,7 @@ def grid_canvas(images: np.ndarray, labels: np.ndarray, order: list[int], per_ro
 def sample_grid(images: np.ndarray, labels: np.ndarray, manifest: dict, path: Path, *, per_row: int = 10,
                 title: str = "") -> None:
     """A PNG with one row per class, ordered head to tail by training count."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     counts = manifest["class_counts"]
     order = head_to_tail(counts)
     h, w, ch = images.shape[1:]
@@ -182,10 +196,7 @@ def sample_grid(images: np.ndarray, labels: np.ndarray, manifest: dict, path: Pa
     ax.set_title(title, fontsize=9)
     for side in ax.spines.values():
         side.set_visible(False)
-    fig.tight_layout()
-    with io.atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
+    _save(fig, path)
 
 
 PROBES = {"pruning": ("loss_raw", "pruned"), "theta_g": ("loss_full", "theta_g only")}
@@ -276,11 +287,7 @@ def probe_figure(rows: list[dict], dominance: list[dict], manifest: dict, path: 
     """Left: the pruning probe's relative loss change per class, head to tail, a line per method
     (error bars: std over seeds, or the standard error with one seed). Right: the majority-dominated
     share of matrices per block and method."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     order = head_to_tail(manifest["class_counts"])
     names = manifest["class_names"]
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 3.8), gridspec_kw={"width_ratios": [3, 2]})
@@ -303,20 +310,13 @@ def probe_figure(rows: list[dict], dominance: list[dict], manifest: dict, path: 
     right.set_ylabel("majority-dominated share of matrices")
     right.legend(fontsize=8)
     fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    with io.atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def per_class_fid_figure(rows: list[dict], methods: list[str], path: Path, title: str) -> None:
     """Per-class FID, classes head to tail, one bar group per class with a bar per method (error
     bars: std over seeds) and the real-versus-real floor as a mark."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     width = 0.8 / len(methods)
     fig, ax = plt.subplots(figsize=(max(6.0, 0.6 * len(rows) * len(methods) + 2), 3.6))
     for k, method in enumerate(methods):
@@ -329,10 +329,7 @@ def per_class_fid_figure(rows: list[dict], methods: list[str], path: Path, title
     ax.set_ylabel("per-class FID (lower is better)")
     ax.legend(fontsize=8)
     ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    with io.atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def write_report(*, experiment: str, runs: list[dict], samples: dict[str, str], manifest: dict,
