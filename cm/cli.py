@@ -134,7 +134,7 @@ def cmd_train(args) -> None:
     method_params = params["method_params"]
     tracked = {"model": experiment["model"], "train": experiment["train"], "diffusion": experiment["diffusion"],
                "method": {s: method_params[s] for s in param_sections(args.method)}}
-    tracking = params["tracking"] if distributed.is_main_process() else {**params["tracking"], "enabled": False}
+    tracking = params["tracking"] if distributed.is_main() else {**params["tracking"], "enabled": False}
     with stage_run(tracking, stage="train", experiment=args.experiment, method=args.method,
                    seed=args.seed, params=tracked) as run:
         manifest = io.read_json(args.manifest)

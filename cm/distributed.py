@@ -26,7 +26,8 @@ def world_size() -> int:
 
 
 def rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
+    """This process's rank; before `init`, the one torchrun gave it (0 outside torchrun)."""
+    return dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", "0"))
 
 
 def is_main() -> bool:
@@ -36,11 +37,6 @@ def is_main() -> bool:
 
 def under_torchrun() -> bool:
     return "WORLD_SIZE" in os.environ and "LOCAL_RANK" in os.environ
-
-
-def is_main_process() -> bool:
-    """Rank 0 of torchrun's processes, or a plain process (readable before `init`)."""
-    return os.environ.get("RANK", "0") == "0"
 
 
 def init(device: str) -> torch.device:
