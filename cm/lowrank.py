@@ -114,6 +114,21 @@ def branches_disabled(model: nn.Module) -> Iterator[nn.Module]:
             m.enabled = state
 
 
+class LowRankBranches:
+    """CM's reserved capacity when training from scratch: low-rank branches on 3x3 convs
+    (`prepare`), all switched off for theta_g (`disabled`). The LoRA fine-tuning counterpart is
+    cm/finetune's ExpertAdapters."""
+
+    def __init__(self, rank_ratio: float, *, scale: float = 1.0, layers: str = "decoder"):
+        self.rank_ratio, self.scale, self.layers = rank_ratio, scale, layers
+
+    def prepare(self, net: nn.Module) -> None:
+        add_lowrank_branches(net, self.rank_ratio, scale=self.scale, layers=self.layers)
+
+    def disabled(self, net: nn.Module):
+        return branches_disabled(net)
+
+
 def lowrank_parameters(model: nn.Module) -> list[nn.Parameter]:
     """The reserved-capacity parameters (every branch's A and B)."""
     return [p for m in branches(model) for p in (m.A, m.B)]

@@ -1,7 +1,8 @@
 """Capacity Manipulation (Hong et al., ICLR 2026) on top of any base objective.
 
-Reserved capacity: decoder 3x3 convs become W = W_g + B A (cm/lowrank.py). theta_g is the model
-with every branch off, theta_g+e the full model. Per batch (design section 7):
+Reserved capacity: decoder 3x3 convs become W = W_g + B A (cm/lowrank.py); when fine-tuning, an
+`expert` LoRA adapter beside a `general` one on frozen weights (cm/finetune, paper section 3.3).
+theta_g is the model with the reserved capacity off, theta_g+e the full model. Per batch (design section 7):
 
     D_i  = mean_pixels (h_full,i - h_g,i)^2
     L_CM = C * mean_i( (w_con p_{y_i} - w_div q_{y_i}) D_i ),  p_y ~ N_y,  q_y ~ 1 / N_y
@@ -15,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from cm.lowrank import add_lowrank_branches
+from cm.lowrank import LowRankBranches
 from cm.methods.base import LossOutput, Method
 from cm.methods.passes import check_passes, full_and_theta_g
 
@@ -38,6 +39,8 @@ class CapacityManipulation(Method):
     (`passes = "two"`) or one encoder pass shared by both decoder passes (`"shared_encoder"`).
 
     `base` is any objective whose LossOutput.pred is the full model's eps on (x_t, t, cond).
+    `reservation` adds the reserved capacity (`prepare(net)`) and switches it off for theta_g
+    (`disabled(net)`, a context manager); by default the low-rank branches of `rank_ratio` etc.
     With lambda = 0 (the `lowrank_only` ablation) the theta_g pass is skipped: the model is
     then the base objective trained with reserved, but unregularised, low-rank branches.
     """
@@ -45,7 +48,7 @@ class CapacityManipulation(Method):
     def __init__(self, base: Method, class_counts, *, rank_ratio: float = CM_DEFAULTS["rank_ratio"],
                  w_con: float = CM_DEFAULTS["w_con"], w_div: float = CM_DEFAULTS["w_div"],
                  branch_scale: float = CM_DEFAULTS["branch_scale"], branch_layers: str = CM_DEFAULTS["branch_layers"],
-                 passes: str = CM_DEFAULTS["passes"], name: str | None = None, **kwargs):
+                 passes: str = CM_DEFAULTS["passes"], name: str | None = None, reservation=None, **kwargs):
         unknown = set(kwargs) - {"lambda"}
         if unknown:
             raise TypeError(f"CapacityManipulation got unexpected parameters {sorted(unknown)}")
@@ -59,16 +62,17 @@ class CapacityManipulation(Method):
             raise ValueError(f"cm: passes = 'shared_encoder' is not allowed with branch_layers = {branch_layers!r}: "
                              f"it shares the encoder between h_full and h_g, so branches must be in the decoder only")
         self.class_weight = signed_class_weights(class_counts, w_con, w_div).float()
+        self.reservation = reservation or LowRankBranches(rank_ratio, scale=self.branch_scale, layers=branch_layers)
 
     def prepare(self, net) -> None:
         self.base.prepare(net)
-        add_lowrank_branches(net, self.rank_ratio, scale=self.branch_scale, layers=self.branch_layers)
+        self.reservation.prepare(net)
 
     def __call__(self, net, x0: torch.Tensor, y: torch.Tensor) -> LossOutput:
         if self.lam == 0:
             return self.base(net, x0, y)  # L_CM has no weight: spare the theta_g pass
         # h_full = out.pred (the base loss is on it); h_g on the same x_t, t and labels, no stop-gradient.
-        out, h_g = full_and_theta_g(self.base, self.passes, net, x0, y)
+        out, h_g = full_and_theta_g(self.base, self.passes, net, x0, y, self.reservation.disabled)
         d = (out.pred - h_g).pow(2).flatten(1).mean(1)                 # D_i, (N,), float32 (the U-Net's output)
         if self.class_weight.device != y.device:  # moved once, not copied every step
             self.class_weight = self.class_weight.to(y.device)

@@ -41,11 +41,11 @@ class SharedEncoder:
     encoding and decodes it with the branches as they are (on: theta_g+e). `theta_g` then decodes the
     kept encoding again with the branches off."""
 
-    def __init__(self, net):
+    def __init__(self, net, disabled=branches_disabled):
         if not (hasattr(net, "encode") and hasattr(net, "decode")):
             raise TypeError(f"cm: passes = 'shared_encoder' needs a network with encode/decode, "
                             f"got {type(net).__name__}")
-        self.net = net
+        self.net, self.disabled = net, disabled
         self.last = None  # (x, t, y, encoding) of the latest call
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
@@ -55,7 +55,7 @@ class SharedEncoder:
 
     def theta_g(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
         """h_g = eps_{theta_g}(x_t, t, cond), decoding the kept encoding of those inputs."""
-        with branches_disabled(self.net):
+        with self.disabled(self.net):
             return self.net.decode(self._encoding_of(x_t, t, cond))
 
     def _encoding_of(self, x_t, t, cond):
@@ -70,14 +70,15 @@ class SharedEncoder:
         return enc.rows(len(x_t))
 
 
-def full_and_theta_g(base: Method, passes: str, net, x0: torch.Tensor,
-                     y: torch.Tensor) -> tuple[LossOutput, torch.Tensor]:
+def full_and_theta_g(base: Method, passes: str, net, x0: torch.Tensor, y: torch.Tensor,
+                     disabled=branches_disabled) -> tuple[LossOutput, torch.Tensor]:
     """The base objective's output on the full model (its `pred` is h_full) and h_g on the same
-    x_t, t and (possibly dropped) labels, with the passes chosen."""
+    x_t, t and (possibly dropped) labels, with the passes chosen. `disabled(net)` is the context in
+    which net is theta_g (the reserved capacity off)."""
     if passes == "shared_encoder":
-        shared = SharedEncoder(net)
+        shared = SharedEncoder(net, disabled)
         out = base(shared, x0, y)
         return out, shared.theta_g(out.x_t, out.t, out.cond)
     out = base(net, x0, y)
-    with branches_disabled(net):  # a second complete pass, its own dropout masks, as released
+    with disabled(net):  # a second complete pass, its own dropout masks, as released
         return out, net(out.x_t, out.t, out.cond)
