@@ -216,7 +216,7 @@ def cmd_probe(args) -> None:
 
 def cmd_report(args) -> None:
     from cm.method_names import MERGE_ONLY, evaluated_methods
-    from cm.report import write_report
+    from cm.report import REPORT_FILES, write_report
     from cm.tracking import stage_run
 
     params, _ = _setup(args)
@@ -227,18 +227,20 @@ def cmd_report(args) -> None:
                 for m in methods for s in seeds]
         # The grid of a method shows its first seed.
         grids = {m: Path(args.samples_dir) / m / f"seed{seeds[0]}" / "samples.npz" for m in methods}
+        trained = [(m, s) for m in methods if m not in MERGE_ONLY for s in seeds]
         probes = [{"method": m, "seed": s, "result": io.read_json(Path(args.probe_dir) / m / f"seed{s}.json")}
-                  for m in methods if m not in MERGE_ONLY for s in seeds]  # trained models only
+                  for m, s in trained]
+        histories = [{"method": m, "seed": s, "rows": io.read_csv(Path(args.history_dir) / m / f"seed{s}.csv")}
+                     for m, s in trained]
         out_dir = Path(args.out_dir)
         rows = write_report(experiment=args.experiment, runs=runs, samples=grids,
                             manifest=io.read_json(args.manifest), evaluator=io.read_json(args.evaluator_report),
                             out_dir=out_dir, probes=probes,
-                            probe_fraction=params["experiments"][args.experiment]["probe"]["fraction"])
+                            probe_fraction=params["experiments"][args.experiment]["probe"]["fraction"],
+                            histories=histories)
         print((out_dir / "summary.md").read_text())
         run.log(metrics={f"{row['method']}.{k}": v for row in rows for k, v in row.items()},
-                artifacts=[out_dir / "summary.csv", out_dir / "per_class.csv", out_dir / "summary.md",
-                           out_dir / "per_class_fid.png", out_dir / "probe.csv", out_dir / "probe.png",
-                           *sorted((out_dir / "grids").glob("*.png"))])
+                artifacts=[out_dir / name for name in REPORT_FILES] + sorted((out_dir / "grids").glob("*.png")))
 
 
 def cmd_register_dvc(args) -> None:
@@ -363,6 +365,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics-dir", required=True, help="holds <method>/seed<seed>.json per run")
     p.add_argument("--samples-dir", required=True, help="holds <method>/seed<seed>/samples.npz per run")
     p.add_argument("--probe-dir", required=True, help="holds <method>/seed<seed>.json per trained model")
+    p.add_argument("--history-dir", required=True, help="holds <method>/seed<seed>.csv per trained model")
     p.add_argument("--manifest", required=True, help="the training set's manifest (prepare-data's --out)")
     p.add_argument("--evaluator-report", required=True, help="the feature network's report (its accuracy)")
     p.add_argument("--out-dir", required=True, help="folder for summary.csv/.md, per_class.csv and grids/")

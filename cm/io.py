@@ -7,6 +7,7 @@ complete, so a killed job never leaves a file that looks finished.
 from __future__ import annotations
 
 import contextlib
+import csv
 import json
 import os
 import secrets
@@ -59,6 +60,17 @@ def read_json(path: str | Path) -> Any:
         return json.loads(path.read_text())
     except (ValueError, UnicodeDecodeError) as err:
         raise CorruptFileError(f"{path}: not valid JSON ({err})") from None
+
+
+def read_csv(path: str | Path) -> list[dict[str, str]]:
+    """The rows of a CSV file with a header, as dicts of strings."""
+    path = Path(path)
+    _require(path)
+    try:
+        with path.open(newline="") as handle:
+            return list(csv.DictReader(handle))
+    except (csv.Error, UnicodeDecodeError) as err:
+        raise CorruptFileError(f"{path}: not a readable CSV file ({err})") from None
 
 
 def write_text(path: str | Path, text: str) -> None:

@@ -1,5 +1,5 @@
-"""Tables and figures of one experiment: a row per method (mean and spread over seeds) and a
-sample grid per method with a row per class, head to tail."""
+"""Tables and figures of one experiment: a row per method (mean and spread over seeds), per-class
+FID, training curves, capacity probes and a sample grid per method with a row per class, head to tail."""
 
 from __future__ import annotations
 
@@ -18,6 +18,10 @@ COLUMNS = ["fid", "kid", "fid_many", "fid_medium", "fid_few", "precision", "reca
 # Distances whose real-versus-real floor the report prints beside them.
 WITH_FLOOR = ["fid", "kid", "fid_many", "fid_medium", "fid_few"]
 
+
+# What `write_report` writes beside grids/ when it is given probes and histories (the CLI's stage).
+REPORT_FILES = ["summary.csv", "summary.md", "metrics.json", "per_class.csv", "per_class_fid.csv",
+                "per_class_fid.png", "training_loss.csv", "training_curves.png", "probe.csv", "probe.png"]
 
 # What each clean-fid mode of the `inception` extractor is, for the table captions.
 FID_MODES = {
@@ -94,6 +98,30 @@ def per_class_rows(runs: list[dict], manifest: dict) -> list[dict]:
                 row[f"{method}.{key}"], row[f"{method}.{key}_std"] = mean_std(
                     [run["metrics"]["per_class"][key][c] for run in runs if run["method"] == method])
         rows.append(row)
+    return rows
+
+
+def per_class_fid_rows(per_class: list[dict], methods: list[str]) -> list[dict]:
+    """`per_class_rows` in long form, a row per (class, method), head to tail: the per-class FID's
+    DVC plot (one colour per method needs the method as a field)."""
+    return [{"class": r["class"], "name": r["name"], "train_count": r["train_count"], "method": m,
+             "fid": r[f"{m}.fid"], "fid_std": r[f"{m}.fid_std"]} for r in per_class for m in methods]
+
+
+def training_loss_rows(histories: list[dict], manifest: dict) -> list[dict]:
+    """The training logs in long form: a row per (method, logged step, class), head to tail, with the
+    class's training loss of that window (history's `loss_class_<c>`) and the total `loss`, both mean
+    over seeds. histories: {"method", "seed", "rows"}, rows as read from history.csv. Steps every
+    seed of a method logged."""
+    rows = []
+    for method in dict.fromkeys(h["method"] for h in histories):
+        logs = [{int(float(r["step"])): r for r in h["rows"]} for h in histories if h["method"] == method]
+        for step in sorted(set.intersection(*(set(log) for log in logs))):
+            total = float(np.mean([float(log[step]["loss"]) for log in logs]))
+            for c in head_to_tail(manifest["class_counts"]):
+                rows.append({"method": method, "step": step, "class": c, "name": manifest["class_names"][c],
+                             "train_count": manifest["class_counts"][c], "loss": total,
+                             "class_loss": float(np.mean([float(log[step][f"loss_class_{c}"]) for log in logs]))})
     return rows
 
 
@@ -332,21 +360,54 @@ def per_class_fid_figure(rows: list[dict], methods: list[str], path: Path, title
     _save(fig, path)
 
 
+def training_curves_figure(rows: list[dict], manifest: dict, path: Path, title: str) -> None:
+    """Left: the training loss against the step, a line per method (mean over seeds). Right: each
+    class's loss over the last logged window, head to tail, a line per method."""
+    plt = _pyplot()
+    order = head_to_tail(manifest["class_counts"])
+    names = manifest["class_names"]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 3.8))
+    for method in dict.fromkeys(r["method"] for r in rows):
+        mine = [r for r in rows if r["method"] == method]
+        steps = sorted({r["step"] for r in mine})
+        loss = {r["step"]: r["loss"] for r in mine}
+        left.plot(steps, [loss[s] for s in steps], label=method)
+        last = {r["class"]: r["class_loss"] for r in mine if r["step"] == steps[-1]}
+        right.plot(range(len(order)), [last[c] for c in order], marker="o", ms=3, label=method)
+    left.set_xlabel("step")
+    left.set_ylabel("training loss (window mean)")
+    left.set_yscale("log")
+    left.legend(fontsize=8)
+    right.set_xticks(range(len(order)), [f"{names[c]}\n({manifest['class_counts'][c]})" for c in order], fontsize=7)
+    right.set_xlabel("class (training count), head to tail")
+    right.set_ylabel("diffusion loss, last logged window")
+    right.legend(fontsize=8)
+    fig.suptitle(title, fontsize=9)
+    _save(fig, path)
+
+
 def write_report(*, experiment: str, runs: list[dict], samples: dict[str, str], manifest: dict,
                  evaluator: dict, out_dir: str | Path, probes: list[dict] = (),
-                 probe_fraction: float = 0.1) -> list[dict]:
-    """summary.csv, per_class.csv, per_class_fid.png, summary.md, metrics.json and grids/<method>.png
-    under `out_dir`;
-    with probes ({"method", "seed", "result"} per trained model, from the probe stage) also
-    probe.csv, probe.png and the probes' section of summary.md."""
+                 probe_fraction: float = 0.1, histories: list[dict] = ()) -> list[dict]:
+    """summary.csv, per_class.csv, per_class_fid.png and .csv (long, for DVC's plot), summary.md,
+    metrics.json and grids/<method>.png under `out_dir`; with histories ({"method", "seed", "rows"}
+    per trained model, its history.csv) also training_loss.csv and training_curves.png; with probes ({"method", "seed", "result"} per
+    trained model, from the probe stage) also probe.csv, probe.png and the probes' section of summary.md."""
     out_dir = Path(out_dir)
     rows = summarise(runs)
     io.write_text(out_dir / "summary.csv", to_csv(rows))
     io.write_json(out_dir / "metrics.json", experiment_metrics(rows))
     per_class = per_class_rows(runs, manifest)
     io.write_text(out_dir / "per_class.csv", to_csv(per_class))
-    per_class_fid_figure(per_class, [row["method"] for row in rows], out_dir / "per_class_fid.png",
+    methods = [row["method"] for row in rows]
+    io.write_text(out_dir / "per_class_fid.csv", to_csv(per_class_fid_rows(per_class, methods)))
+    per_class_fid_figure(per_class, methods, out_dir / "per_class_fid.png",
                          title=f"{experiment}: per-class FID in the {rows[0]['feature_extractor']} extractor's space")
+    if histories:
+        curves = training_loss_rows(histories, manifest)
+        io.write_text(out_dir / "training_loss.csv", to_csv(curves))
+        training_curves_figure(curves, manifest, out_dir / "training_curves.png",
+                               title=f"{experiment}: training loss (mean over seeds)")
     summary = to_markdown(rows, experiment=experiment, manifest=manifest, evaluator=evaluator) + theta_g_markdown(rows)
     if probes:
         per_class_probes, dominance = probe_rows(probes, manifest), dominance_rows(probes)

@@ -14,11 +14,13 @@ from cm.report import (
     WITH_FLOOR,
     experiment_metrics,
     grid_canvas,
+    per_class_fid_rows,
     per_class_rows,
     sample_grid,
     summarise,
     to_csv,
     to_markdown,
+    training_loss_rows,
 )
 
 
@@ -131,3 +133,24 @@ def test_theta_g_table_pairs_each_cm_run_with_its_theta_g_only_model():
     assert f"| cm | theta_g only | {1.5 + fid:.2f} | {1.5 + many:.2f} |" in text
     assert "| cm | change | +0.50 | +0.50 | +0.50 | +0.50 |" in text and "ddpm" not in text
     assert theta_g_markdown(summarise(runs[2:])) == ""
+
+
+def test_training_loss_rows_average_seeds_on_common_steps_head_first():
+    manifest = {"class_counts": [1, 9], "class_names": ["rare", "common"]}
+    def history(seed, steps):
+        return [{"step": str(s), "loss": str(s + seed), "loss_class_0": str(10 * s + seed),
+                 "loss_class_1": str(s - seed)} for s in steps]
+    histories = [{"method": "cm", "seed": 0, "rows": history(0, [50, 100])},
+                 {"method": "cm", "seed": 1, "rows": history(1, [50, 100, 150])}]  # 150: one seed only
+    rows = training_loss_rows(histories, manifest)
+    assert [(r["step"], r["name"]) for r in rows] == [(50, "common"), (50, "rare"), (100, "common"), (100, "rare")]
+    assert rows[0]["class_loss"] == 50 - 0.5 and rows[1]["class_loss"] == 500 + 0.5
+    assert rows[2]["loss"] == 100.5 and rows[3]["train_count"] == 1
+
+
+def test_per_class_fid_rows_are_long_with_a_row_per_method():
+    per_class = [{"class": 1, "name": "b", "train_count": 9, "ddpm.fid": 1.0, "ddpm.fid_std": 0.1,
+                  "cm.fid": 2.0, "cm.fid_std": 0.2}]
+    rows = per_class_fid_rows(per_class, ["ddpm", "cm"])
+    assert rows == [{"class": 1, "name": "b", "train_count": 9, "method": "ddpm", "fid": 1.0, "fid_std": 0.1},
+                    {"class": 1, "name": "b", "train_count": 9, "method": "cm", "fid": 2.0, "fid_std": 0.2}]

@@ -5,6 +5,8 @@ rule report:
         samples=run_files("results/{experiment}/samples/{method}/seed{seed}/samples.npz"),
         probes=expand("results/{{experiment}}/probe/{method}/seed{seed}.json", method=config["methods"],
                       seed=config["seeds"]),
+        histories=expand("results/{{experiment}}/history/{method}/seed{seed}.csv", method=config["methods"],
+                         seed=config["seeds"]),
         manifest="results/{experiment}/data/manifest.json",
         evaluator_report="results/{experiment}/evaluator/report.json",
     output:
@@ -27,6 +29,14 @@ rule report:
             category="{experiment}",
             subcategory="Per class",
             caption="../report/per_class_fid.rst",
+        ),
+        per_class_fid_csv="results/{experiment}/report/per_class_fid.csv",
+        training_loss="results/{experiment}/report/training_loss.csv",
+        training_curves=report(
+            "results/{experiment}/report/training_curves.png",
+            category="{experiment}",
+            subcategory="Training curves",
+            caption="../report/training_curves.rst",
         ),
         probe_csv=report(
             "results/{experiment}/report/probe.csv",
@@ -64,6 +74,7 @@ rule report:
         "python -m cm report --experiment {wildcards.experiment}"
         " --metrics-dir results/{wildcards.experiment}/metrics"
         " --samples-dir results/{wildcards.experiment}/samples --probe-dir results/{wildcards.experiment}/probe"
+        " --history-dir results/{wildcards.experiment}/history"
         " --manifest {input.manifest}"
         " --evaluator-report {input.evaluator_report} --out-dir results/{wildcards.experiment}/report"
         " --methods {params.methods} --seeds {params.seeds} > {log} 2>&1"

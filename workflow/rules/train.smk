@@ -5,7 +5,7 @@ rule train:
     output:
         model="results/{experiment}/train/{method}/seed{seed}/model.pt",
         history=report(
-            "results/{experiment}/train/{method}/seed{seed}/history.csv",
+            "results/{experiment}/history/{method}/seed{seed}.csv",
             category="{experiment}",
             subcategory="Training curves",
             caption="../report/history.rst",
