@@ -391,8 +391,9 @@ def write_report(*, experiment: str, runs: list[dict], samples: dict[str, str], 
                  probe_fraction: float = 0.1, histories: list[dict] = ()) -> list[dict]:
     """summary.csv, per_class.csv, per_class_fid.png and .csv (long, for DVC's plot), summary.md,
     metrics.json and grids/<method>.png under `out_dir`; with histories ({"method", "seed", "rows"}
-    per trained model, its history.csv) also training_loss.csv and training_curves.png; with probes ({"method", "seed", "result"} per
-    trained model, from the probe stage) also probe.csv, probe.png and the probes' section of summary.md."""
+    per trained model, its history.csv) also training_loss.csv and training_curves.png; with probes
+    ({"method", "seed", "result"} per trained model, from the probe stage) also probe.csv, probe.png
+    and the probes' section of summary.md."""
     out_dir = Path(out_dir)
     rows = summarise(runs)
     io.write_text(out_dir / "summary.csv", to_csv(rows))
