@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from cm import io
+from cm.report import per_class_fid_rows, to_csv, training_loss_rows
 from tests.conftest import VENV_BIN, run
 
 pytestmark = pytest.mark.e2e
@@ -39,11 +41,23 @@ def script_sources(page: Path) -> list[str]:
 
 @pytest.fixture
 def plots_page(project):
-    """`dvc plots show` with the project's template, on two loss histories."""
-    for method in ("ddpm", "cm"):
-        history = project / f"results/digits_lt/train/{method}/seed0/history.csv"
+    """`dvc plots show` with the project's template, on two loss histories and the report's per-class
+    FID and training loss (written by cm/report.py from them, for two classes)."""
+    manifest = {"class_counts": [3, 9], "class_names": ["rare", "common"]}
+    histories, per_class = [], [{"class": c, "name": manifest["class_names"][c], "train_count": n}
+                                for c, n in enumerate(manifest["class_counts"])]
+    for k, method in enumerate(("ddpm", "cm")):
+        history = project / f"results/digits_lt/history/{method}/seed0.csv"
         history.parent.mkdir(parents=True)
-        history.write_text("step,loss\n10,0.99\n20,0.89\n30,0.81\n")
+        history.write_text("step,loss,loss_class_0,loss_class_1\n10,0.99,1.0,0.98\n20,0.89,0.9,0.88\n"
+                           "30,0.81,0.85,0.8\n")
+        histories.append({"method": method, "seed": 0, "rows": io.read_csv(history)})
+        for row in per_class:
+            row.update({f"{method}.fid": 1.0 + k + row["class"], f"{method}.fid_std": 0.0})
+    report = project / "results/digits_lt/report"
+    report.mkdir(parents=True)
+    (report / "per_class_fid.csv").write_text(to_csv(per_class_fid_rows(per_class, ["ddpm", "cm"])))
+    (report / "training_loss.csv").write_text(to_csv(training_loss_rows(histories, manifest)))
     (project / ".venv").symlink_to(VENV_BIN.parent)  # where the template expects the environment
     run(["dvc", "plots", "show", "--out", "default_plots"], project)
     run(["dvc", "plots", "show", "--html-template", TEMPLATE], project)
@@ -58,7 +72,7 @@ def test_the_plots_page_loads_no_script_from_the_network(plots_page):
     assert [Path(src).name for src in sources] == ["vega.js", "vega-lite.js", "vega-embed.js"]
     for src in sources:
         assert "://" not in src and (page.parent / src).is_file(), src
-    assert page.read_text().count("vegaEmbed(") == 2  # both histories are on it
+    assert page.read_text().count("vegaEmbed(") == 4  # both histories, per-class FID and training loss
 
 
 @pytest.mark.skipif(not shutil.which("node"), reason="no node to run the page's scripts")
@@ -66,7 +80,7 @@ def test_the_plots_page_renders_with_its_local_scripts(plots_page, tmp_path):
     (tmp_path / "render.js").write_text(RENDER_JS)
     result = run(["node", str(tmp_path / "render.js"), str(plots_page / "dvc_plots/index.html")], plots_page)
     paths = [int(n) for n in result.stdout.split()]
-    assert len(paths) == 2 and all(n > 3 for n in paths), result.stdout  # axes, ticks and the line
+    assert len(paths) == 4 and all(n > 3 for n in paths), result.stdout  # axes, ticks and the marks
 
 
 def restored_as_locked(clone) -> bool:

@@ -56,6 +56,10 @@ def check_products(project):
     assert probes["cm"]["pruning"]["prune"]["zeroed"] == round(0.1 * probes["cm"]["pruning"]["prune"]["considered"])
     assert matplotlib.image.imread(exp / "report" / "probe.png").shape[0] > 100
     assert "## Capacity probes" in (exp / "report" / "summary.md").read_text()
+    assert matplotlib.image.imread(exp / "report" / "training_curves.png").shape[0] > 100
+    curves = list(csv.DictReader((exp / "report" / "training_loss.csv").open()))
+    history = list(csv.DictReader((exp / "history" / "cm" / "seed0.csv").open()))
+    assert len(curves) == 2 * len(history) * manifest["num_classes"]  # (method, logged step, class)
 
 
 def dvc_is_clean(project):
@@ -100,6 +104,7 @@ def check_html_report(project):
     for rendered in (">Workflow<", ">Results<", ">probe<", ">report<"):  # the app drew its menu and the DAG
         assert rendered in dom, f"{rendered!r} not rendered ({len(dom)} characters of DOM)"
     for content in ("Capacity probes", "Training curves", "Per class", "Samples", "probe.png", "per_class_fid.png",
+                    "training_curves.png",
                     "Capacity Manipulation aims at the bars on the right."):
         assert content in dom, f"{content!r} not in the report"
     pixels = matplotlib.image.imread(shot)[..., :3]
