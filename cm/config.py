@@ -119,7 +119,18 @@ def _allowed(error: jsonschema.ValidationError) -> str:
         return f"a name of letters, digits and _ starting with a letter ({s['pattern']})"
     if kind == "minLength":
         return "a non-empty string"
+    if kind == "oneOf":  # each alternative in words: "one of a, b or a mapping with preset and ch"
+        return " or ".join(_alternative(alt) for alt in s["oneOf"])
     return error.message
+
+
+def _alternative(subschema: dict) -> str:
+    """One `oneOf` alternative in words (a $ref'd enum, or a mapping with its required keys)."""
+    if "$ref" in subschema:
+        subschema = schema()["$defs"][subschema["$ref"].rsplit("/", 1)[1]]
+    if "enum" in subschema:
+        return "one of " + ", ".join(map(str, subschema["enum"]))
+    return "a mapping with " + " and ".join(subschema["required"])
 
 
 def _format(error: jsonschema.ValidationError) -> str:

@@ -18,13 +18,18 @@ PRESETS: dict[str, dict] = {
 }
 
 
-def build_unet(preset: str, *, num_classes: int, in_channels: int, image_size: int) -> UNet:
-    """Build the class-conditional U-Net of a named preset (see ``PRESETS``)."""
+def build_unet(model: str | dict, *, num_classes: int, in_channels: int, image_size: int) -> UNet:
+    """Build the class-conditional U-Net of a named preset (see ``PRESETS``), or of a mapping
+    ``{"preset": name, "ch": width}`` that changes the preset's base width (the capacity sweep)."""
+    spec = {"preset": model} if isinstance(model, str) else dict(model)
+    preset = spec.pop("preset", None)
     if preset not in PRESETS:
         raise ValueError(f"unknown U-Net preset {preset!r}; choose one of {sorted(PRESETS)}")
-    return UNet(
-        **PRESETS[preset], num_classes=num_classes, in_channels=in_channels, image_size=image_size
-    )
+    unknown = sorted(set(spec) - {"ch"})
+    if unknown:
+        raise ValueError(f"model.{unknown[0]} is not allowed: a model mapping has preset and ch")
+    return UNet(**{**PRESETS[preset], **spec}, num_classes=num_classes, in_channels=in_channels,
+                image_size=image_size)
 
 
 __all__ = ["NULL_LABEL", "PRESETS", "UNet", "build_unet"]

@@ -49,7 +49,8 @@ class Encoding(NamedTuple):
 
 
 def _norm(ch: int) -> nn.GroupNorm:
-    return nn.GroupNorm(32, ch)
+    # 32 groups as in DDPM; narrower models (the capacity sweep's) take the largest divisor of 32 that fits.
+    return nn.GroupNorm(math.gcd(32, ch), ch)
 
 
 class Downsample(nn.Module):

@@ -1,0 +1,149 @@
+"""Cost of CM when fine-tuning with LoRA (cm/finetune): one `lora+cm` step against one plain `lora` step,
+and merged-model inference against the pretrained model's, on the same model, batch and machine, one run.
+
+    python benchmarks/finetune_step.py [--batch 64] [--rank 8] [--rounds 7] [--steps 3] [--threads 1]
+
+`lora`: the `general` adapter only, DDPM loss (one forward pass). `lora+cm`: `general` and `expert`,
+CM's loss on DDPM (two forward passes: theta_g+e, then theta_g with `expert` off). Both on the
+project's U-Net preset "small" with 8x8x1 digits-sized batches, and on a small UNet2DConditionModel
+(latent-sized 4x8x8 inputs, per-class prompt embeddings) through ClassConditionedUNet. Inference:
+the merged model (both adapters folded into W_f) against the pretrained model, with equal parameter
+counts asserted. Repetitions are interleaved so that machine noise hits both alike; the figures to
+read are the medians' ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import platform
+import statistics
+import time
+
+import torch
+
+from cm.data.profiles import exponential_counts
+from cm.diffusion import GaussianDiffusion
+from cm.finetune import GENERAL, ExpertAdapters, LoraSettings, attach, merged
+from cm.methods.cm import CapacityManipulation
+from cm.methods.ddpm import DDPM
+from cm.models import build_unet
+
+NUM_CLASSES = 10
+
+
+def cond_unet(num_classes: int):
+    """A small Stable-Diffusion-shaped U-Net (random weights) behind the project's net(x, t, y) call."""
+    from diffusers import UNet2DConditionModel
+
+    from cm.finetune.diffusers_models import ClassConditionedUNet
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(block_out_channels=(32, 64), layers_per_block=1, sample_size=8, in_channels=4,
+                                out_channels=4, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
+                                norm_num_groups=8, attention_head_dim=8)
+    return ClassConditionedUNet(unet, num_classes, torch.randn(num_classes + 1, 16, 32)), 4
+
+
+def train_step(net, method, x0, y):
+    opt = torch.optim.Adam([p for p in net.parameters() if p.requires_grad], lr=1e-4)
+
+    def step():
+        loss = method(net, x0, y).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return step
+
+
+def infer_step(net, x, t, y):
+    net.eval()
+
+    @torch.no_grad()
+    def step():
+        net(x, t, y)
+    return step
+
+
+def make_steps(label: str, pretrained, channels: int, args, counts) -> tuple[dict, dict]:
+    """The four timed functions of one model, and facts to print (parameter counts, merge gap)."""
+    diffusion, settings = GaussianDiffusion(1000), LoraSettings(rank=args.rank)
+    gen = torch.Generator().manual_seed(0)
+    x0 = torch.rand(args.batch, channels, 8, 8, generator=gen) * 2 - 1
+    y = torch.randint(0, NUM_CLASSES, (args.batch,), generator=gen)
+    t = torch.randint(0, 1000, (args.batch,), generator=gen)
+
+    lora = copy.deepcopy(pretrained)
+    attach(lora, settings, (GENERAL,))
+    cm_net = copy.deepcopy(pretrained)
+    cm = CapacityManipulation(DDPM(diffusion, 0.1), counts, reservation=ExpertAdapters(settings))
+    cm.prepare(cm_net)
+    with torch.no_grad():  # B = 0 at attach; training makes it non-zero, which the merge check needs
+        for name, p in cm_net.named_parameters():
+            if ".lora_B." in name:
+                p.normal_(0, 0.02, generator=gen)
+    plain = merged(cm_net)
+    count = sum(p.numel() for p in pretrained.parameters())
+    assert sum(p.numel() for p in plain.parameters()) == count, "merging must give the pretrained size"
+    with torch.no_grad():
+        cm_net.eval()
+        gap = (plain.eval()(x0, t, y) - cm_net(x0, t, y)).abs().max().item()
+        cm_net.train()
+    adapters = sum(p.numel() for p in cm_net.parameters() if p.requires_grad)
+    steps = {f"{label} lora": train_step(lora.train(), DDPM(diffusion, 0.1), x0, y),
+             f"{label} lora+cm": train_step(cm_net.train(), cm, x0, y),
+             f"{label} pretrained infer": infer_step(pretrained, x0, t, y),
+             f"{label} merged infer": infer_step(plain, x0, t, y)}
+    return steps, {"params": count, "adapter params (both)": adapters, "float32 |merged - adapted| max": gap}
+
+
+def time_interleaved(steps: dict, rounds: int, per_round: int) -> dict[str, list[float]]:
+    """Seconds per call of each function, per round: 2 warm-up calls each, then `rounds` rounds
+    that time every function in turn."""
+    for step in steps.values():
+        for _ in range(2):
+            step()
+    times = {name: [] for name in steps}
+    for _ in range(rounds):
+        for name, step in steps.items():
+            start = time.perf_counter()
+            for _ in range(per_round):
+                step()
+            times[name].append((time.perf_counter() - start) / per_round)
+    return times
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--rank", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=3, help="calls per round")
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    counts = exponential_counts(5000, NUM_CLASSES, 100)
+    torch.manual_seed(0)
+    models = {"unet-small": (build_unet("small", num_classes=NUM_CLASSES, in_channels=1, image_size=8), 1),
+              "sd-small": cond_unet(NUM_CLASSES)}
+    steps, facts = {}, {}
+    for label, (net, channels) in models.items():
+        s, f = make_steps(label, net, channels, args, counts)
+        steps.update(s)
+        facts[label] = f
+    times = time_interleaved(steps, args.rounds, args.steps)
+    median = {name: statistics.median(v) for name, v in times.items()}
+    print(f"batch {args.batch}, LoRA rank {args.rank}, {platform.processor() or platform.machine()}, "
+          f"{args.threads} thread(s), {args.rounds} rounds x {args.steps} calls, medians")
+    for label in models:
+        print(f"{label}: " + ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v:,}"
+                                       for k, v in facts[label].items()))
+        for name in ("lora", "lora+cm", "pretrained infer", "merged infer"):
+            print(f"  {name:18s} {median[f'{label} {name}'] * 1000:8.2f} ms")
+        print(f"  lora+cm / lora step          x{median[f'{label} lora+cm'] / median[f'{label} lora']:.2f}")
+        print(f"  merged / pretrained infer    x{median[f'{label} merged infer'] / median[f'{label} pretrained infer']:.2f}")
+
+
+if __name__ == "__main__":
+    main()
