@@ -139,10 +139,11 @@ def main():
     for label in models:
         print(f"{label}: " + ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v:,}"
                                        for k, v in facts[label].items()))
-        for name in ("lora", "lora+cm", "pretrained infer", "merged infer"):
-            print(f"  {name:18s} {median[f'{label} {name}'] * 1000:8.2f} ms")
-        print(f"  lora+cm / lora step          x{median[f'{label} lora+cm'] / median[f'{label} lora']:.2f}")
-        print(f"  merged / pretrained infer    x{median[f'{label} merged infer'] / median[f'{label} pretrained infer']:.2f}")
+        m = {name.removeprefix(f"{label} "): v for name, v in median.items() if name.startswith(f"{label} ")}
+        for name, value in m.items():
+            print(f"  {name:18s} {value * 1000:8.2f} ms")
+        print(f"  lora+cm / lora step          x{m['lora+cm'] / m['lora']:.2f}")
+        print(f"  merged / pretrained infer    x{m['merged infer'] / m['pretrained infer']:.2f}")
 
 
 if __name__ == "__main__":

@@ -262,6 +262,13 @@ def cmd_register_dvc(args) -> None:
     io.write_text(args.out, "".join(f"{stage}\n" for stage in stages))
 
 
+def cmd_compare(args) -> None:
+    from cm.compare import compare
+
+    compare(cfg.load_params(args.params), args.experiments, args.x, args.out_dir, args.results)
+    print((Path(args.out_dir) / "summary.md").read_text(), end="")
+
+
 def cmd_lock_diff(args) -> None:
     """Exit 1, one line per difference, when a reproduced dvc.lock differs from the committed one;
     on a machine of another kind than `--made-on` names, differing outputs are reported only."""
@@ -376,6 +383,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--experiments", nargs="+", required=True,
                    help="experiments whose DVC stages to commit (those not in params.yaml's run are skipped)")
     p.add_argument("--out", required=True, help="the list of committed stages to write (.txt)")
+    p = stage("compare", cmd_compare, "compare finished experiments along one setting (the capacity sweep)",
+              experiment=False)
+    p.add_argument("--experiments", nargs="+", required=True, help="experiments whose reports to compare")
+    p.add_argument("--x", required=True, help="the setting they differ in, a dotted key of an experiment (model.ch)")
+    p.add_argument("--results", default="results", help="the results folder (default: results)")
+    p.add_argument("--out-dir", required=True, help="folder for summary.csv, summary.md and sweep.png")
     p = sub.add_parser("lock-diff", help="compare a reproduced dvc.lock with the committed one",
                        description="Exit 1, with one line per differing parameter, dependency or output "
                                    "(naming the stage), when a reproduced dvc.lock differs from the committed one.")

@@ -177,7 +177,7 @@ def to_markdown(rows: list[dict], *, experiment: str, manifest: dict, evaluator:
     return "\n".join(lines) + "\n"
 
 
-def _pyplot():
+def pyplot():
     """matplotlib's pyplot drawing to files only (no display needed)."""
     import matplotlib
 
@@ -187,12 +187,12 @@ def _pyplot():
     return plt
 
 
-def _save(fig, path: Path) -> None:
+def save_figure(fig, path: Path) -> None:
     """Lay out, write atomically as a 100-dpi PNG, and free the figure."""
     fig.tight_layout()
     with io.atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=100)
-    _pyplot().close(fig)
+    pyplot().close(fig)
 
 
 def grid_canvas(images: np.ndarray, labels: np.ndarray, order: list[int], per_row: int) -> np.ndarray:
@@ -208,7 +208,7 @@ def grid_canvas(images: np.ndarray, labels: np.ndarray, order: list[int], per_ro
 def sample_grid(images: np.ndarray, labels: np.ndarray, manifest: dict, path: Path, *, per_row: int = 10,
                 title: str = "") -> None:
     """A PNG with one row per class, ordered head to tail by training count."""
-    plt = _pyplot()
+    plt = pyplot()
     counts = manifest["class_counts"]
     order = head_to_tail(counts)
     h, w, ch = images.shape[1:]
@@ -224,7 +224,7 @@ def sample_grid(images: np.ndarray, labels: np.ndarray, manifest: dict, path: Pa
     ax.set_title(title, fontsize=9)
     for side in ax.spines.values():
         side.set_visible(False)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 PROBES = {"pruning": ("loss_raw", "pruned"), "theta_g": ("loss_full", "theta_g only")}
@@ -315,7 +315,7 @@ def probe_figure(rows: list[dict], dominance: list[dict], manifest: dict, path: 
     """Left: the pruning probe's relative loss change per class, head to tail, a line per method
     (error bars: std over seeds, or the standard error with one seed). Right: the majority-dominated
     share of matrices per block and method."""
-    plt = _pyplot()
+    plt = pyplot()
     order = head_to_tail(manifest["class_counts"])
     names = manifest["class_names"]
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 3.8), gridspec_kw={"width_ratios": [3, 2]})
@@ -338,13 +338,13 @@ def probe_figure(rows: list[dict], dominance: list[dict], manifest: dict, path: 
     right.set_ylabel("majority-dominated share of matrices")
     right.legend(fontsize=8)
     fig.suptitle(title, fontsize=9)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def per_class_fid_figure(rows: list[dict], methods: list[str], path: Path, title: str) -> None:
     """Per-class FID, classes head to tail, one bar group per class with a bar per method (error
     bars: std over seeds) and the real-versus-real floor as a mark."""
-    plt = _pyplot()
+    plt = pyplot()
     width = 0.8 / len(methods)
     fig, ax = plt.subplots(figsize=(max(6.0, 0.6 * len(rows) * len(methods) + 2), 3.6))
     for k, method in enumerate(methods):
@@ -357,13 +357,13 @@ def per_class_fid_figure(rows: list[dict], methods: list[str], path: Path, title
     ax.set_ylabel("per-class FID (lower is better)")
     ax.legend(fontsize=8)
     ax.set_title(title, fontsize=9)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def training_curves_figure(rows: list[dict], manifest: dict, path: Path, title: str) -> None:
     """Left: the training loss against the step, a line per method (mean over seeds). Right: each
     class's loss over the last logged window, head to tail, a line per method."""
-    plt = _pyplot()
+    plt = pyplot()
     order = head_to_tail(manifest["class_counts"])
     names = manifest["class_names"]
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 3.8))
@@ -383,7 +383,7 @@ def training_curves_figure(rows: list[dict], manifest: dict, path: Path, title: 
     right.set_ylabel("diffusion loss, last logged window")
     right.legend(fontsize=8)
     fig.suptitle(title, fontsize=9)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def write_report(*, experiment: str, runs: list[dict], samples: dict[str, str], manifest: dict,

@@ -146,6 +146,8 @@ def test_attaching_keeps_the_function_and_training_moves_only_the_adapters(kind)
         before = net(x, t, y)
     ExpertAdapters(LoraSettings(rank=RANK)).prepare(net)
     assert adapter_names(net) == (GENERAL, EXPERT)
+    if kind == "sd":  # attached through diffusers' PeftAdapterMixin: its adapter API knows them
+        assert net.unet.active_adapters() == [GENERAL, EXPERT] and set(net.unet.peft_config) == {GENERAL, EXPERT}
     with torch.no_grad():
         assert torch.equal(net(x, t, y), before)  # B = 0: each adapter adds exact zeros
 

@@ -120,3 +120,19 @@ def test_initialisation_matches_the_public_code_per_module():
     assert len(projections) == 6  # two encoder, three decoder and one middle block at 16x16
     for proj in projections:
         assert abs(proj.weight.std().item() / 0.0625 - 1) < 0.02
+
+
+def test_a_preset_with_another_width_scales_every_level_and_keeps_group_norm_valid():
+    narrow = build_unet({"preset": "small", "ch": 8}, num_classes=10, in_channels=1, image_size=8)
+    default = build_unet("small", num_classes=10, in_channels=1, image_size=8)
+    assert narrow.head.out_channels == 8 and default.head.out_channels == PRESETS["small"]["ch"]
+    norms = [m for m in narrow.modules() if isinstance(m, torch.nn.GroupNorm)]
+    assert {m.num_groups for m in norms if m.num_channels < 32} == {8, 16}  # 32 groups cannot divide 8 or 16
+    assert {m.num_groups for m in default.modules() if isinstance(m, torch.nn.GroupNorm)} == {32}
+    # Parameters grow about as width^2: 4x the width, between 8x and 16x the parameters.
+    ratio = sum(p.numel() for p in default.parameters()) / sum(p.numel() for p in narrow.parameters())
+    assert 8 < ratio < 16, ratio
+    out = narrow(torch.randn(2, 1, 8, 8), torch.tensor([1, 500]), torch.tensor([0, 9]))
+    assert out.shape == (2, 1, 8, 8) and torch.isfinite(out).all()
+    with pytest.raises(ValueError, match="model.depth is not allowed"):
+        build_unet({"preset": "small", "ch": 8, "depth": 2}, num_classes=10, in_channels=1, image_size=8)

@@ -41,9 +41,10 @@ ADAPTABLE = (nn.Linear, nn.Conv2d)  # what `merged` turns back into plain layers
 class LoraSettings:
     """The adapters' shape, shared by `general` and `expert`.
 
-    rank: r of every adapter. 8: at least the from-scratch CM reservation on the project's U-Nets
-        (0.1 x 32-128 channels = 3-12) and inside the 4-64 range common for Stable Diffusion LoRA,
-        while an adapter stays a few percent of a 3x3 conv's weights.
+    rank: r of every adapter. 8: inside the 4-64 range common for Stable Diffusion LoRA, where one
+        adapter is ~1-3% of a 3x3 conv's weights (320-1280 channels), and at least CM's from-scratch
+        reservation on the project's U-Nets (0.1 x 32-128 channels = 3-12). On those narrow U-Nets
+        one adapter is ~10-30% of a conv's weights: lower it there when the checkpoint size matters.
     alpha: LoRA's alpha; None means alpha = rank, i.e. scaling s = 1 (the released CM branches are unscaled).
     target_modules: layer names as peft matches them (the full name, or its ending after a dot);
         None means the model family's defaults that the model has (DIFFUSERS_TARGETS or UNET_TARGETS).
@@ -146,14 +147,24 @@ def adapter_names(net: nn.Module) -> tuple[str, ...]:
     return tuple(names)
 
 
-def _peft_mixin(net: nn.Module):
-    """`net` itself when it is a diffusers model with the PeftAdapterMixin API, else None.
+def _targeted(net: nn.Module, targets: Sequence[str]) -> set[int]:
+    return {id(m) for n, m in net.named_modules() if any(_matches(n, p) for p in targets)}
+
+
+def _peft_mixin(net: nn.Module, targets: Sequence[str]):
+    """The diffusers model with the PeftAdapterMixin API that holds every targeted layer: `net`
+    itself, or the one inside a wrapper (ClassConditionedUNet's `unet`); None if there is none.
     diffusers is looked at only when already imported: it takes seconds to import."""
     if "diffusers" not in sys.modules:
         return None
     from diffusers.loaders.peft import PeftAdapterMixin
 
-    return net if isinstance(net, PeftAdapterMixin) else None
+    if isinstance(net, PeftAdapterMixin):
+        return net
+    inner = [m for m in net.modules() if isinstance(m, PeftAdapterMixin)]
+    if len(inner) == 1 and _targeted(inner[0], targets) == _targeted(net, targets):  # names relative to it match
+        return inner[0]
+    return None
 
 
 def attach(net: nn.Module, settings: LoraSettings = LoraSettings(),
@@ -161,9 +172,10 @@ def attach(net: nn.Module, settings: LoraSettings = LoraSettings(),
     """Freeze every base parameter of `net` and add the named LoRA adapters, in place; all of the
     net's adapters end active and trainable. Returns the qualified names of the adapted layers.
 
-    A diffusers model with PeftAdapterMixin (UNet2DConditionModel) gets them through its own
-    `add_adapter`, so diffusers' adapter API (`active_adapters`, `save_lora_adapter`, ...) knows
-    them; any other module (cm.models.UNet, UNet2DModel, a wrapper) through `peft.inject_adapter_in_model`.
+    A diffusers model with PeftAdapterMixin (UNet2DConditionModel, also inside a ClassConditionedUNet)
+    gets them through its own `add_adapter`, so diffusers' adapter API (`active_adapters`,
+    `save_lora_adapter`, ...) knows them; any other module (cm.models.UNet, UNet2DModel) through
+    `peft.inject_adapter_in_model`. Either way the layers are peft's LoRA layers.
     """
     adapters = (adapters,) if isinstance(adapters, str) else tuple(adapters)
     present = adapter_names(net)
@@ -173,7 +185,7 @@ def attach(net: nn.Module, settings: LoraSettings = LoraSettings(),
     targets = resolve_targets(net, settings)
     for p in net.parameters():
         p.requires_grad_(False)  # W_f stays as pretrained
-    mixin = _peft_mixin(net)
+    mixin = _peft_mixin(net, targets)
     with warnings.catch_warnings():
         # Several adapters on one model is the point here, not an accident.
         warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")

@@ -1,0 +1,89 @@
+"""Experiments compared along one setting (the capacity sweep: FID of the few and the many classes
+against the U-Net's width): a table and a figure from the experiments' report/summary.csv."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from cm import config as cfg
+from cm import io
+from cm.errors import ConfigError, DataError
+from cm.report import pyplot, save_figure, to_csv
+
+COLUMNS = ["fid", "fid_many", "fid_medium", "fid_few"]
+
+
+def setting(experiment: dict, key: str):
+    """The value of a dotted key of an experiment, e.g. `model.ch` (a preset name gives no width)."""
+    value = experiment
+    for part in key.split("."):
+        if not isinstance(value, dict) or part not in value:
+            raise ConfigError(f"--x {key}: the experiment has no setting {part!r} here ({value!r})")
+        value = value[part]
+    return value
+
+
+def sweep_rows(experiments: dict[str, dict], summaries: dict[str, list[dict]], x: str) -> list[dict]:
+    """A row per (experiment, method), experiments ordered by their value of `x`: mean and std over
+    seeds of FID overall, many, medium and few, and the gap few minus many (its std over seeds is
+    not recoverable from the means; the gap of the means is reported)."""
+    rows = []
+    for name in sorted(experiments, key=lambda n: setting(experiments[n], x)):
+        for row in summaries[name]:
+            out = {"experiment": name, x: setting(experiments[name], x), "method": row["method"],
+                   "seeds": int(row["seeds"])}
+            for col in COLUMNS:
+                out[col], out[f"{col}_std"] = float(row[col]), float(row[f"{col}_std"])
+            out["gap_few_many"] = out["fid_few"] - out["fid_many"]
+            rows.append(out)
+    return rows
+
+
+def sweep_markdown(rows: list[dict], x: str) -> str:
+    lines = [f"| {x} | method | seeds | FID | FID many | FID few | few - many |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r[x]} | {r['method']} | {r['seeds']} | {r['fid']:.2f} ± {r['fid_std']:.2f} | "
+                     f"{r['fid_many']:.2f} ± {r['fid_many_std']:.2f} | {r['fid_few']:.2f} ± {r['fid_few_std']:.2f} | "
+                     f"{r['gap_few_many']:+.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def sweep_figure(rows: list[dict], x: str, path: Path, title: str) -> None:
+    """FID of the many and of the few classes against `x`, a line per method (error bars: std over
+    seeds), and the gap few minus many."""
+    plt = pyplot()
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.6))
+    for method in dict.fromkeys(r["method"] for r in rows):
+        mine = [r for r in rows if r["method"] == method]
+        xs = [r[x] for r in mine]
+        for ax, col in zip(axes[:2], ("fid_many", "fid_few")):
+            ax.errorbar(xs, [r[col] for r in mine], yerr=[r[f"{col}_std"] for r in mine], marker="o", ms=3,
+                        capsize=2, label=method)
+        axes[2].plot(xs, [r["gap_few_many"] for r in mine], marker="o", ms=3, label=method)
+    for ax, label in zip(axes, ("FID, many classes", "FID, few classes", "FID few - FID many")):
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(sorted({r[x] for r in rows}), [str(v) for v in sorted({r[x] for r in rows})])
+        ax.set_xlabel(x)
+        ax.set_ylabel(label)
+        ax.legend(fontsize=8)
+    fig.suptitle(title, fontsize=9)
+    save_figure(fig, path)
+
+
+def compare(params: dict, names: list[str], x: str, out_dir: str | Path, results: str | Path = "results") -> list[dict]:
+    """summary.csv, summary.md and sweep.png under `out_dir` for the experiments `names`, each read
+    from `<results>/<name>/report/summary.csv` (run them first)."""
+    experiments = {name: cfg.experiment(params, name) for name in names}
+    summaries = {}
+    for name in names:
+        path = Path(results) / name / "report" / "summary.csv"
+        if not path.is_file():
+            raise DataError(f"{path} does not exist: run the experiment {name!r} first "
+                            f"(snakemake --cores all --config 'run=[{','.join(names)}]')")
+        summaries[name] = io.read_csv(path)
+    rows = sweep_rows(experiments, summaries, x)
+    out_dir = Path(out_dir)
+    io.write_text(out_dir / "summary.csv", to_csv(rows))
+    io.write_text(out_dir / "summary.md", sweep_markdown(rows, x))
+    sweep_figure(rows, x, out_dir / "sweep.png", title=f"{', '.join(names)}: FID against {x} (mean ± std over seeds)")
+    return rows

@@ -1,0 +1,59 @@
+"""The sweep comparison: experiments ordered by the setting they differ in, the figures' numbers
+taken from each experiment's report, and a missing report named in one line."""
+
+from __future__ import annotations
+
+import copy
+
+import matplotlib.image
+import pytest
+import yaml
+
+from cm.compare import compare
+from cm.errors import ConfigError, DataError
+from cm.report import to_csv
+from tests.conftest import ROOT
+
+COLS = ["fid", "fid_many", "fid_medium", "fid_few"]
+
+
+def params_with_widths(widths):
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    for ch in widths:
+        exp = copy.deepcopy(params["experiments"]["digits_lt"])
+        exp["model"] = {"preset": "small", "ch": ch}
+        params["experiments"][f"w{ch}"] = exp
+    return params
+
+
+def write_summary(results, name, rows):
+    path = results / name / "report" / "summary.csv"
+    path.parent.mkdir(parents=True)
+    path.write_text(to_csv(rows))
+
+
+def summary_row(method, base, seeds=3):
+    return {"method": method, "seeds": seeds, **{c: base + k for k, c in enumerate(COLS)},
+            **{f"{c}_std": 0.1 * (k + 1) for k, c in enumerate(COLS)}}
+
+
+def test_rows_follow_the_setting_and_carry_each_reports_numbers(tmp_path):
+    params = params_with_widths([16, 8])
+    write_summary(tmp_path, "w16", [summary_row("ddpm", 1.0), summary_row("cm", 0.5)])
+    write_summary(tmp_path, "w8", [summary_row("ddpm", 3.0), summary_row("cm", 2.0)])
+    rows = compare(params, ["w16", "w8"], "model.ch", tmp_path / "out", tmp_path)
+    assert [(r["model.ch"], r["method"]) for r in rows] == [(8, "ddpm"), (8, "cm"), (16, "ddpm"), (16, "cm")]
+    assert rows[0]["fid_few"] == 6.0 and rows[0]["fid_many"] == 4.0 and rows[0]["gap_few_many"] == 2.0
+    assert rows[3]["fid_few_std"] == pytest.approx(0.4) and rows[3]["seeds"] == 3
+    assert "| 8 | ddpm | 3 | 3.00 ± 0.10 | 4.00 ± 0.20 | 6.00 ± 0.40 | +2.00 |" in (tmp_path / "out/summary.md").read_text()
+    assert matplotlib.image.imread(tmp_path / "out/sweep.png").shape[0] > 100
+
+
+def test_a_missing_report_or_setting_is_one_line(tmp_path):
+    params = params_with_widths([8])
+    with pytest.raises(DataError, match=r"w8/report/summary.csv does not exist: run the experiment 'w8' first"):
+        compare(params, ["w8"], "model.ch", tmp_path / "out", tmp_path)
+    write_summary(tmp_path, "digits_lt", [summary_row("ddpm", 1.0)])
+    with pytest.raises(ConfigError, match="no setting 'ch'"):
+        compare(params, ["digits_lt"], "model.ch", tmp_path / "out", tmp_path)
+    assert not (tmp_path / "out").exists()
