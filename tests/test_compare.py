@@ -45,7 +45,8 @@ def test_rows_follow_the_setting_and_carry_each_reports_numbers(tmp_path):
     assert [(r["model.ch"], r["method"]) for r in rows] == [(8, "ddpm"), (8, "cm"), (16, "ddpm"), (16, "cm")]
     assert rows[0]["fid_few"] == 6.0 and rows[0]["fid_many"] == 4.0 and rows[0]["gap_few_many"] == 2.0
     assert rows[3]["fid_few_std"] == pytest.approx(0.4) and rows[3]["seeds"] == 3
-    assert "| 8 | ddpm | 3 | 3.00 ± 0.10 | 4.00 ± 0.20 | 6.00 ± 0.40 | +2.00 |" in (tmp_path / "out/summary.md").read_text()
+    table = (tmp_path / "out/summary.md").read_text()
+    assert "| 8 | ddpm | 3 | 3.00 ± 0.10 | 4.00 ± 0.20 | 6.00 ± 0.40 | +2.00 |" in table
     assert matplotlib.image.imread(tmp_path / "out/sweep.png").shape[0] > 100
 
 
