@@ -88,14 +88,16 @@ def make_steps(label: str, pretrained, channels: int, args, counts) -> tuple[dic
     assert sum(p.numel() for p in plain.parameters()) == count, "merging must give the pretrained size"
     with torch.no_grad():
         cm_net.eval()
-        gap = (plain.eval()(x0, t, y) - cm_net(x0, t, y)).abs().max().item()
+        adapted = cm_net(x0, t, y)
+        gap = ((plain.eval()(x0, t, y) - adapted).abs().max() / adapted.abs().max()).item()
         cm_net.train()
     adapters = sum(p.numel() for p in cm_net.parameters() if p.requires_grad)
     steps = {f"{label} lora": train_step(lora.train(), DDPM(diffusion, 0.1), x0, y),
              f"{label} lora+cm": train_step(cm_net.train(), cm, x0, y),
              f"{label} pretrained infer": infer_step(pretrained, x0, t, y),
              f"{label} merged infer": infer_step(plain, x0, t, y)}
-    return steps, {"params": count, "adapter params (both)": adapters, "float32 |merged - adapted| max": gap}
+    return steps, {"params": count, "adapter params (both)": adapters,
+                   "float32 max|merged - adapted| / max|adapted|": gap}
 
 
 def time_interleaved(steps: dict, rounds: int, per_round: int) -> dict[str, list[float]]:

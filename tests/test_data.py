@@ -201,3 +201,13 @@ def test_imagefolder_mistakes_name_the_file(tmp_path, sizes, message):
     write_folder(tmp_path, sizes)
     with pytest.raises(DataError, match=message):
         build_manifest(digits(source="imagefolder", path=str(tmp_path), ratio=1))
+
+
+def test_an_inverted_shift_keeps_the_subset_and_inverts_its_pixels():
+    data = {"source": "digits", "profile": "exponential", "imbalance_ratio": 10, "seed": 0}
+    plain, inverted = build_manifest(data), build_manifest({**data, "shift": "invert"})
+    assert "shift" not in plain["source"]  # unshifted manifests are the bytes they were
+    assert inverted["source"]["shift"] == "invert" and inverted["indices"] == plain["indices"]
+    assert inverted["content_sha256"] != plain["content_sha256"]
+    a, b = load_training_set(plain), load_training_set(inverted)
+    assert np.array_equal(b.images.astype(int), 255 - a.images.astype(int)) and np.array_equal(a.labels, b.labels)

@@ -14,6 +14,7 @@ __all__ = ["DataError", "LabeledImages", "build_manifest", "load_reference", "lo
 # The `data` keys that rebuild a source's images (the manifest's `source`; reference_list is read only
 # by the evaluation stages). Old manifests lack the later keys: they read as null.
 SOURCE_KEYS = ("path", "split_list", "image_size")
+OPTIONAL_SOURCE_KEYS = ("shift",)  # in a manifest only when set: unshifted manifests keep their bytes
 
 
 def content_hash(images: np.ndarray, labels: np.ndarray) -> str:
@@ -43,7 +44,8 @@ def build_manifest(data: dict) -> dict:
     else:
         indices = select_long_tailed(full.labels, counts, data["seed"])
     return {
-        "source": {"name": data["source"], **{key: data.get(key) for key in SOURCE_KEYS}},
+        "source": {"name": data["source"], **{key: data.get(key) for key in SOURCE_KEYS},
+                   **{key: data[key] for key in OPTIONAL_SOURCE_KEYS if data.get(key) is not None}},
         "profile": data["profile"],
         # `listed` keeps the source's own imbalance: record it rather than the unused setting.
         "imbalance_ratio": max(counts) / min(counts) if listed else data["imbalance_ratio"],
@@ -62,7 +64,8 @@ def build_manifest(data: dict) -> dict:
 def load_training_set(manifest: dict) -> LabeledImages:
     """Rebuild the long-tailed training set of a manifest and check it is the same content."""
     source = manifest["source"]
-    full = load_source({"source": source["name"], **{key: source.get(key) for key in SOURCE_KEYS}})
+    settings = {key: source.get(key) for key in SOURCE_KEYS + OPTIONAL_SOURCE_KEYS}
+    full = load_source({"source": source["name"], **settings})
     indices = np.asarray(manifest["indices"], dtype=np.int64)
     if len(indices) and indices.max() >= len(full.labels):
         raise DataError(f"the manifest's indices exceed the source's {len(full.labels)} images")

@@ -148,10 +148,19 @@ def check_settings(data: dict) -> None:
                         "split list file such as ImageNet_LT_train.txt")
 
 
+SHIFTS = {"invert": lambda images: 255 - images}  # data.shift: a visibly other domain (fine-tuning)
+
+
+def shifted(images: LabeledImages, data: dict) -> LabeledImages:
+    """The images with `data.shift` applied (none when unset)."""
+    shift = data.get("shift")
+    return images if shift is None else LabeledImages(SHIFTS[shift](images.images), images.labels, images.class_names)
+
+
 def load_source(data: dict) -> LabeledImages:
     """Load the full labelled set named by an experiment's `data` settings."""
     check_settings(data)
-    return SOURCES[data["source"]](data)
+    return shifted(SOURCES[data["source"]](data), data)
 
 
 def load_reference(data: dict) -> LabeledImages:
@@ -161,7 +170,7 @@ def load_reference(data: dict) -> LabeledImages:
         return load_source(data)
     check_settings(data)
     num_classes = int(parse_list(data, "split_list")[1].max()) + 1
-    return _listed_images(data, read_listing(data, "reference_list", num_classes))
+    return shifted(_listed_images(data, read_listing(data, "reference_list", num_classes)), data)
 
 
 def _npz_summary(data: dict) -> tuple[np.ndarray, tuple[int, ...]]:

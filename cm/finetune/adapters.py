@@ -99,8 +99,13 @@ def _short(name: str) -> str:
     return ".".join(parts[-2:]) if parts[-1].isdigit() and len(parts) > 1 else parts[-1]
 
 
+def _adaptable(m: nn.Module) -> bool:
+    """An nn.Linear / nn.Conv2d, or one that already carries peft adapters (a second `attach`)."""
+    return isinstance(m.get_base_layer() if isinstance(m, BaseTunerLayer) else m, ADAPTABLE)
+
+
 def _adaptable_names(net: nn.Module, limit: int = 40) -> str:
-    names = sorted({_short(n) for n, m in net.named_modules() if type(m) in ADAPTABLE and n})
+    names = sorted({_short(n) for n, m in net.named_modules() if _adaptable(m) and n and not n.endswith(".base_layer")})
     more = f", ... ({len(names) - limit} more)" if len(names) > limit else ""
     return ", ".join(names[:limit]) + more
 
@@ -111,7 +116,7 @@ def default_targets(net: nn.Module) -> tuple[str, ...]:
     from cm.models.unet import UNet
 
     family = UNET_TARGETS if any(isinstance(m, UNet) for m in net.modules()) else DIFFUSERS_TARGETS
-    layers = [n for n, m in net.named_modules() if type(m) in ADAPTABLE]
+    layers = [n for n, m in net.named_modules() if _adaptable(m)]
     found = tuple(p for p in family if any(_matches(n, p) for n in layers))
     if not found:
         raise ValueError(f"no default LoRA target in {type(net).__name__} (looked for {', '.join(family)}): "
@@ -127,7 +132,7 @@ def resolve_targets(net: nn.Module, settings: LoraSettings) -> tuple[str, ...]:
         if not hits:
             raise ValueError(f"LoRA target_modules entry {pattern!r} matches no layer of {type(net).__name__}; "
                              f"layers that can carry an adapter: {_adaptable_names(net)}")
-        bad = [(n, m) for n, m in hits if type(m) not in ADAPTABLE]
+        bad = [(n, m) for n, m in hits if not _adaptable(m)]
         if bad:
             raise ValueError(f"LoRA target_modules entry {pattern!r} matches {type(bad[0][1]).__name__} layer "
                              f"{bad[0][0]!r}: only nn.Linear and nn.Conv2d can carry an adapter")
