@@ -121,6 +121,20 @@ def cmd_reference_features(args) -> None:
         run.log(metrics=info)
 
 
+def cmd_pretrain(args) -> None:
+    from cm.pretrain import pretrain
+    from cm.tracking import stage_run
+
+    params, experiment = _setup(args)
+    with stage_run(params["tracking"], stage="pretrain", experiment=args.experiment,
+                   params={"finetune": experiment.get("finetune"), "model": experiment["model"]}) as run:
+        summary = pretrain(experiment=experiment, out=Path(args.out), checkpoint_root=Path(args.checkpoints),
+                           history_out=Path(args.history), device=_device(params), progress=_progress())
+        history = summary.pop("history", [])
+        log.info("pretrain %s: %s", args.experiment, summary)
+        run.log(metrics=summary, history=history)
+
+
 def cmd_train(args) -> None:
     from cm import distributed
     from cm.method_names import param_sections
@@ -129,6 +143,9 @@ def cmd_train(args) -> None:
     from cm.train import train
 
     params, experiment = _setup(args)
+    if experiment.get("finetune") and not args.pretrained:
+        raise ConfigError(f"experiment {args.experiment!r} fine-tunes (it has a finetune section): --pretrained "
+                          f"must name its pretrain stage's output (results/{args.experiment}/pretrain/model.pt)")
     # resources.train.gpu > 1: the same command again under torchrun, one process per GPU.
     distributed.relaunch_under_torchrun(train_processes(params))
     method_params = params["method_params"]
@@ -142,7 +159,8 @@ def cmd_train(args) -> None:
             summary = train(manifest=manifest, experiment=experiment, method_name=args.method,
                             method_params=method_params, seed=args.seed, out=Path(args.out),
                             checkpoint_root=Path(args.checkpoints), history_out=Path(args.history),
-                            device=_device(params), progress=_progress())
+                            device=_device(params), progress=_progress(),
+                            pretrained=Path(args.pretrained) if args.pretrained else None)
         finally:
             distributed.shutdown()
         history = summary.pop("history")
@@ -347,6 +365,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--manifest", required=True, help="the training set's manifest (prepare-data's --out)")
     p.add_argument("--out", required=True, help="the final checkpoint to write (.pt)")
     p.add_argument("--history", required=True, help="the loss history to write (.csv)")
+    p.add_argument("--checkpoints", required=True, help="folder kept across runs for resuming")
+    p.add_argument("--pretrained", help="the experiment's pretrain output (pretrain's --out); needed to fine-tune")
+    p = stage("pretrain", cmd_pretrain, "train the model a fine-tuning experiment starts from (or record that "
+              "it trains from scratch)")
+    p.add_argument("--out", required=True, help="the pretrained model, or the from-scratch record, to write (.pt)")
+    p.add_argument("--history", required=True, help="the pretraining's loss history to write (.csv)")
     p.add_argument("--checkpoints", required=True, help="folder kept across runs for resuming")
     p = stage("merge", cmd_merge, "fold low-rank branches into plain U-Net weights", run=True)
     p.add_argument("--model", required=True, help="a trained checkpoint (train's --out)")

@@ -121,6 +121,7 @@ class LowRankBranches:
 
     def __init__(self, rank_ratio: float, *, scale: float = 1.0, layers: str = "decoder"):
         self.rank_ratio, self.scale, self.layers = rank_ratio, scale, layers
+        self.decoder_only = layers == "decoder"  # what CM's shared-encoder pass needs
 
     def prepare(self, net: nn.Module) -> None:
         add_lowrank_branches(net, self.rank_ratio, scale=self.scale, layers=self.layers)

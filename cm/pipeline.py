@@ -14,8 +14,10 @@ CODE = {
     "prepare_data": ["cm/data"],
     "train_evaluator": ["cm/data", "cm/metrics", "cm/evaluate.py"],
     "reference_features": ["cm/data", "cm/metrics", "cm/evaluate.py"],
+    "pretrain": ["cm/accel.py", "cm/data", "cm/diffusion.py", "cm/distributed.py", "cm/methods", "cm/models",
+                 "cm/pretrain.py", "cm/train.py"],
     "train": ["cm/accel.py", "cm/data", "cm/diffusion.py", "cm/distributed.py", "cm/lowrank.py", "cm/methods",
-              "cm/models", "cm/train.py"],
+              "cm/models", "cm/pretrain.py", "cm/train.py"],
     "merge": ["cm/lowrank.py", "cm/merge.py", "cm/models"],
     "sample": ["cm/accel.py", "cm/diffusion.py", "cm/models", "cm/sample.py"],
     "evaluate": ["cm/evaluate.py", "cm/metrics"],
@@ -27,8 +29,8 @@ CODE = {
 # with whoever runs it (Snakemake, DVC, SLURM, by hand), so results never depend on the machine's
 # core count; the Snakefile schedules the job with the same entry.
 RESOURCES = {"prepare_data": "default", "train_evaluator": "evaluate", "reference_features": "evaluate",
-             "train": "train", "merge": "default", "sample": "sample", "evaluate": "evaluate", "probe": "evaluate",
-             "report": "default"}
+             "pretrain": "train", "train": "train", "merge": "default", "sample": "sample", "evaluate": "evaluate",
+             "probe": "evaluate", "report": "default"}
 
 
 def train_processes(params: dict) -> int:
@@ -50,9 +52,12 @@ PARAMS = {
                         threads_key("train_evaluator")],
     "reference_features": ["experiments.{experiment}.data", "experiments.{experiment}.evaluate",
                            threads_key("reference_features")],
+    "pretrain": ["experiments.{experiment}.model", "experiments.{experiment}.diffusion",
+                 "experiments.{experiment}.finetune", threads_key("pretrain")],
     "train": ["experiments.{experiment}.model", "experiments.{experiment}.diffusion",
               "experiments.{experiment}.train", "experiments.{experiment}.data.hflip",
-              "method_params.{section}", threads_key("train"), "resources.train.gpu"],
+              "experiments.{experiment}.finetune", "method_params.{section}", threads_key("train"),
+              "resources.train.gpu"],
     "merge": [threads_key("merge")],
     "sample": ["experiments.{experiment}.diffusion", "experiments.{experiment}.sample", threads_key("sample")],
     "evaluate": ["experiments.{experiment}.data", "experiments.{experiment}.evaluate", threads_key("evaluate")],
@@ -90,7 +95,8 @@ def dvc_stage_names(params: dict, experiment: str) -> list[str]:
     def per_run(stages, methods):
         return [f"{stage}@{experiment}-{m}-{s}" for stage in stages for m in methods for s in params["seeds"]]
 
-    shared = [f"{stage}@{experiment}" for stage in ("prepare_data", "train_evaluator", "reference_features")]
+    shared = [f"{stage}@{experiment}" for stage in ("prepare_data", "pretrain", "train_evaluator",
+                                                      "reference_features")]
     return (shared + per_run(("train", "merge", "sample", "evaluate", "probe"), params["methods"])
             + per_run(("merge_gonly", "sample_gonly", "evaluate_gonly"), params["theta_g_only"])
             + [f"report@{experiment}"])

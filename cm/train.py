@@ -31,9 +31,10 @@ from cm import accel, distributed, io
 from cm.data import load_training_set
 from cm.data.images import scale, to_nchw
 from cm.diffusion import GaussianDiffusion
-from cm.errors import NonFiniteLossError
+from cm.errors import DataError, NonFiniteLossError
 from cm.methods import build_method, resolve_params
 from cm.models import build_unet
+from cm.pretrain import load_pretrained
 
 log = logging.getLogger(__name__)
 
@@ -169,8 +170,11 @@ class Trainer:
         # dropped); their gradients stay None on every rank, as in one process.
         self.objective = (DistributedDataParallel(objective, find_unused_parameters=True)
                           if distributed.world_size() > 1 else objective)
-        self.optimizer = accel.make_adam(net.parameters(), lr=cfg["lr"], kernel=cfg["adam"], device=device)
-        self.params, self.ema_params = list(net.parameters()), list(self.ema.parameters())
+        # Only what trains (every weight, or a fine-tuning's adapters) is optimised and averaged.
+        trains = [p.requires_grad for p in net.parameters()]
+        self.params = [p for p, t in zip(net.parameters(), trains) if t]
+        self.ema_params = [p for p, t in zip(self.ema.parameters(), trains) if t]
+        self.optimizer = accel.make_adam(self.params, lr=cfg["lr"], kernel=cfg["adam"], device=device)
         self.on_device = accel.skips_on_device(self.optimizer)
         self.loss_check = not self.on_device and distributed.world_size() == 1
         # float64 sums: the same numbers the host's Python floats gave before they moved here.
@@ -239,12 +243,13 @@ class Trainer:
 
 def train(*, manifest: dict, experiment: dict, method_name: str, method_params: dict, seed: int,
           out: Path, checkpoint_root: Path, history_out: Path, device: str = "auto",
-          progress: bool = True) -> dict:
+          progress: bool = True, pretrained: Path | None = None) -> dict:
     """Train one method with one seed; write the final checkpoint `out` and the loss history CSV
     (under torchrun: rank 0 writes, every rank trains).
 
     method_params: params.yaml's whole `method_params` mapping (a CM variant reads `cm` and its base's
-    section).
+    section). pretrained: the experiment's pretrain stage output (cm/pretrain.py); when it holds a
+    model, training starts from its EMA weights, and checkpoints leave out the weights kept frozen.
     """
     cfg = experiment["train"]
     dev = distributed.init(str(resolve_device(device)))
@@ -256,6 +261,9 @@ def train(*, manifest: dict, experiment: dict, method_name: str, method_params: 
            "threads": torch.get_num_threads()}  # parallel sums round by the thread count
     if distributed.world_size() > 1:  # and by the process count (the all-reduce)
         run["processes"] = distributed.world_size()
+    start_from = load_pretrained(pretrained) if pretrained is not None else None
+    if start_from is not None:
+        run["pretrained"] = io.file_sha256(pretrained)
     folder = Path(checkpoint_root) / fingerprint(run)
 
     torch.manual_seed(seed)
@@ -268,17 +276,22 @@ def train(*, manifest: dict, experiment: dict, method_name: str, method_params: 
     config = model_config(manifest, experiment, method)
     net = build_unet(config["preset"], num_classes=config["num_classes"],
                      in_channels=config["in_channels"], image_size=config["image_size"])
+    if start_from is not None:
+        check_same_network(start_from["config"], config, pretrained)
+        net.load_state_dict(start_from["ema"])
     method.prepare(net)
     trainer = Trainer(net, method, cfg, dev)
     net, ema, optimizer = trainer.net, trainer.ema, trainer.optimizer
+    # Weights kept frozen (fine-tuning through adapters) are the pretrained ones: not checkpointed.
+    frozen = {name for name, p in net.named_parameters() if not p.requires_grad}
     sampler = EpochSampler(len(y_all), cfg["batch_size"], seed)
     rows = distributed.local_rows(sampler.batch_size)
     start, history, nonfinite = 0, [], 0
 
     state = _load_latest(folder, cfg["steps"])
     if state is not None:
-        net.load_state_dict(state["model"])
-        ema.load_state_dict(state["ema"])
+        _load_trained(net, state["model"], frozen)
+        _load_trained(ema, state["ema"], frozen)
         optimizer.load_state_dict(state["optimizer"])
         sampler.load_state_dict(state["sampler"])
         _set_rng_state(state["rng"], dev)
@@ -290,7 +303,8 @@ def train(*, manifest: dict, experiment: dict, method_name: str, method_params: 
             return
         io.save_torch(folder / f"step_{step:09d}.pt", {
             "format": CHECKPOINT_FORMAT, "step": step, "run": json.dumps(run, sort_keys=True),
-            "model": net.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
+            "model": _without(net.state_dict(), frozen), "ema": _without(ema.state_dict(), frozen),
+            "optimizer": optimizer.state_dict(),
             "sampler": sampler.state_dict(), "rng": _rng_state(dev), "history": history,
             "nonfinite": nonfinite,
         })
@@ -345,6 +359,26 @@ def train(*, manifest: dict, experiment: dict, method_name: str, method_params: 
             "final_loss": history[-1]["loss"] if history else float("nan"),
             "parameters": sum(p.numel() for p in net.parameters()), "nonfinite_steps": nonfinite,
             "processes": distributed.world_size(), "history": history}
+
+
+def check_same_network(pretrained: dict, config: dict, path) -> None:
+    """A pretrained model must be the network the experiment builds: one line naming what differs."""
+    for key in ("preset", "num_classes", "in_channels", "image_size"):
+        if pretrained.get(key) != config[key]:
+            raise DataError(f"{path}: the pretrained model has {key} = {pretrained.get(key)!r}, the experiment's "
+                            f"network needs {config[key]!r} (model and data must match the pretraining's)")
+
+
+def _without(state: dict, frozen: set[str]) -> dict:
+    return {k: v for k, v in state.items() if k not in frozen}
+
+
+def _load_trained(module: nn.Module, state: dict, frozen: set[str]) -> None:
+    """Load a checkpoint's weights; those left out must be exactly the frozen ones."""
+    missing, unexpected = module.load_state_dict(state, strict=False)
+    if unexpected or set(missing) != frozen:
+        raise io.CorruptFileError(f"checkpoint does not fit the network: missing {sorted(set(missing) - frozen)[:3]}, "
+                                  f"unexpected {unexpected[:3]}")
 
 
 def _to_device(idx: torch.Tensor, device: torch.device) -> torch.Tensor:

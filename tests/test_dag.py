@@ -77,9 +77,10 @@ def test_snakemake_and_dvc_run_the_same_commands_on_the_same_paths(project, seed
             assert "method_params" in stage["params"]
             expected = [k for k in expected if not k.startswith("method_params.")] + ["method_params"]
         assert stage["params"] == sorted(expected), stage["name"]
-    # Per experiment: 4 shared stages, train/merge/sample/evaluate/probe per method and seed, and
-    # merge/sample/evaluate per theta_g-only model and seed; register_dvc commits exactly DVC's names.
-    assert len(stages) == 4 + (5 * len(params["methods"]) + 3 * len(theta_g_only)) * len(seeds)
+    # Per experiment: 5 shared stages (prepare_data, pretrain, train_evaluator, reference_features, report),
+    # train/merge/sample/evaluate/probe per method and seed, and merge/sample/evaluate per theta_g-only
+    # model and seed; register_dvc commits exactly DVC's names.
+    assert len(stages) == 5 + (5 * len(params["methods"]) + 3 * len(theta_g_only)) * len(seeds)
     assert sorted(dvc_stage_names(params, "digits_lt")) == sorted(s["name"] for s in stages.values())
 
 
@@ -106,7 +107,7 @@ def test_snakemake_schedules_each_stage_with_the_thread_count_it_computes_with(p
     for entry, threads in counts.items():
         params["resources"][entry]["threads"] = threads
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    expected = {"prepare_data": 5, "train_evaluator": 4, "reference_features": 4, "train": 3, "merge": 5,
+    expected = {"prepare_data": 5, "pretrain": 3, "train_evaluator": 4, "reference_features": 4, "train": 3, "merge": 5,
                 "sample": 2, "evaluate": 4, "probe": 4, "report": 5}
     out = run(["snakemake", "--dry-run", "--printshellcmds", "--forceall", "--cores", "8"], project).stdout
     loaded, parser, seen = cfg.load_params(project / "params.yaml"), build_parser(), set()

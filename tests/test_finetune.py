@@ -238,12 +238,14 @@ def test_merged_model_equals_the_adapted_one_with_the_pretrained_layout(kind):
         h_full = net(x, t, y)
         with reservation.disabled(net):
             h_g = net(x, t, y)
+        with pytest.raises(KeyError), reservation.disabled(net):
+            raise KeyError("the switch must restore the expert even when the theta_g pass fails")
         plain, plain_g = merged(net), merged(net, drop=(EXPERT,))
         assert (h_full - h_g).abs().max() > 1e-3
         # float64: W_f + B A folded once versus added per call; 1e-10 as the design's float64 bound
         torch.testing.assert_close(plain(x, t, y), h_full, rtol=0, atol=1e-10)
         torch.testing.assert_close(plain_g(x, t, y), h_g, rtol=0, atol=1e-10)
-        torch.testing.assert_close(net(x, t, y), h_full, rtol=0, atol=0)  # the input net is untouched
+        torch.testing.assert_close(net(x, t, y), h_full, rtol=0, atol=0)  # expert back on; merging left net alone
     for model in (plain, plain_g):
         assert list(model.state_dict()) == keys
         assert sum(p.numel() for p in model.parameters()) == count
@@ -390,3 +392,9 @@ def test_bad_inputs_raise_one_line_naming_the_problem(tmp_path):
     with pytest.raises(ValueError, match="adapters = \\('general',\\) is not allowed: distinct new names "
                                          "\\(already attached: general, expert\\)"):
         attach(adapted, LoraSettings(rank=RANK))
+
+
+def test_the_shared_encoder_pass_is_refused_with_adapters_in_the_encoder():
+    with pytest.raises(ValueError, match="shared_encoder' is not allowed with ExpertAdapters"):
+        CapacityManipulation(DDPM(GaussianDiffusion(timesteps=10), 0.0), [5, 1], passes="shared_encoder",
+                             reservation=ExpertAdapters(LoraSettings(rank=2)))

@@ -58,11 +58,12 @@ class CapacityManipulation(Method):
         self.lam = float(kwargs.get("lambda", CM_DEFAULTS["lambda"]))
         self.w_con, self.w_div = float(w_con), float(w_div)
         self.passes = check_passes(passes)
-        if passes == "shared_encoder" and branch_layers != "decoder":
-            raise ValueError(f"cm: passes = 'shared_encoder' is not allowed with branch_layers = {branch_layers!r}: "
-                             f"it shares the encoder between h_full and h_g, so branches must be in the decoder only")
         self.class_weight = signed_class_weights(class_counts, w_con, w_div).float()
         self.reservation = reservation or LowRankBranches(rank_ratio, scale=self.branch_scale, layers=branch_layers)
+        if passes == "shared_encoder" and not getattr(self.reservation, "decoder_only", False):
+            where = f"branch_layers = {branch_layers!r}" if reservation is None else type(reservation).__name__
+            raise ValueError(f"cm: passes = 'shared_encoder' is not allowed with {where}: it shares the encoder "
+                             f"between h_full and h_g, so the reserved capacity must be in the decoder only")
 
     def prepare(self, net) -> None:
         self.base.prepare(net)

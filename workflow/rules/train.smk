@@ -1,7 +1,33 @@
+# A fine-tuning experiment's starting model (trained with DDPM on finetune.pretrain.data); for any
+# other experiment a record that it trains from scratch, so training depends on this output alike.
+rule pretrain:
+    input:
+        code("pretrain"),
+    output:
+        model="results/{experiment}/pretrain/model.pt",
+        history="results/{experiment}/pretrain/history.csv",
+    params:
+        settings=settings("pretrain"),
+        checkpoints=lambda wc: f"results/{wc.experiment}/pretrain/checkpoints",
+    log:
+        "logs/{experiment}/pretrain.log",
+    threads: res("pretrain", "threads")
+    resources:
+        mem_mb=res("pretrain", "mem_mb"),
+        runtime=res("pretrain", "runtime"),
+        gpu=res("pretrain", "gpu"),
+    conda:
+        "../../envs/cm.yaml"
+    shell:
+        "python -m cm pretrain --experiment {wildcards.experiment} --out {output.model}"
+        " --history {output.history} --checkpoints {params.checkpoints} > {log} 2>&1"
+
+
 rule train:
     input:
         code("train"),
         manifest="results/{experiment}/data/manifest.json",
+        pretrained="results/{experiment}/pretrain/model.pt",
     output:
         model="results/{experiment}/train/{method}/seed{seed}/model.pt",
         history=report(
@@ -26,7 +52,7 @@ rule train:
     shell:
         "python -m cm train --experiment {wildcards.experiment} --method {wildcards.method}"
         " --seed {wildcards.seed} --manifest {input.manifest} --out {output.model}"
-        " --history {output.history} --checkpoints {params.checkpoints} > {log} 2>&1"
+        " --history {output.history} --checkpoints {params.checkpoints} --pretrained {input.pretrained} > {log} 2>&1"
 
 
 rule merge:

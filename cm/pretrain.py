@@ -1,0 +1,50 @@
+"""The model an experiment starts from: its `pretrain` stage (paper section 3.3's setting).
+
+An experiment with a `finetune` section fine-tunes: the stage trains the U-Net with DDPM on
+`finetune.pretrain.data` (a balanced source, say) and every method of the experiment starts from those
+EMA weights; the `lora` methods keep them frozen and train adapters (cm/methods/lora.py). Any other
+experiment trains from scratch, and the stage writes a record saying so, so that training depends on
+this stage's output alike in Snakemake and DVC, whichever kind the experiment is.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from cm import io
+from cm.errors import DataError
+
+FROM_SCRATCH = "cm.from_scratch/1"  # the record of an experiment without `finetune`
+PRETRAINED = "cm.model/1"           # a training's final checkpoint (cm/train.py), EMA weights in `ema`
+
+
+def pretrain(*, experiment: dict, out: Path, checkpoint_root: Path, history_out: Path, device: str = "auto",
+             progress: bool = True) -> dict:
+    """Train the experiment's starting model with DDPM (or record that there is none); a summary."""
+    from cm.data import build_manifest
+    from cm.train import train
+
+    finetune = experiment.get("finetune")
+    if finetune is None:
+        io.save_torch(out, {"format": FROM_SCRATCH})
+        io.write_text(history_out, "step\n")
+        return {"pretrained": 0}
+    source = finetune["pretrain"]
+    manifest = build_manifest(source["data"])
+    setting = {**experiment, "data": source["data"], "train": source["train"], "finetune": None}
+    summary = train(manifest=manifest, experiment=setting, method_name="ddpm", method_params={},
+                    seed=source["seed"], out=out, checkpoint_root=checkpoint_root, history_out=history_out,
+                    device=device, progress=progress)
+    return {"pretrained": 1, **summary}
+
+
+def load_pretrained(path: str | Path) -> dict | None:
+    """The EMA weights and model config of a pretrain stage's output ({"ema", "config"}), or None when
+    the experiment trains from scratch."""
+    state = io.load_torch(path)
+    if state.get("format") == FROM_SCRATCH:
+        return None
+    if state.get("format") != PRETRAINED or "ema" not in state:
+        raise DataError(f"{path}: not a pretrain stage's output (format {state.get('format')!r}); "
+                        f"run the experiment's pretrain stage again")
+    return {"ema": state["ema"], "config": state["config"]}
