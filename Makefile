@@ -14,7 +14,7 @@ export DVC_NO_ANALYTICS := 1
 $(STAMP): pyproject.toml
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/python -m pip install --quiet --upgrade pip
-	$(VENV)/bin/python -m pip install --quiet -e '.[test]'
+	$(VENV)/bin/python -m pip install --quiet -e '.[test,finetune]'
 	touch $(STAMP)
 
 run: $(STAMP)

@@ -163,6 +163,7 @@ def _semantic_checks(params: dict, base_dir: Path) -> None:
     for i, name in enumerate(params["run"]):
         if name not in params["experiments"]:
             raise ConfigError(f"run[{i}] = {name!r} is not an experiment; defined: {', '.join(known)}")
+    _check_finetuning(params)
     for name in params["run"]:
         data = params["experiments"][name]["data"]
         key = f"experiments.{name}.data.path"
@@ -185,6 +186,19 @@ def _semantic_checks(params: dict, base_dir: Path) -> None:
             raise ConfigError(
                 f"experiments.{name}.train.batch_size = {batch} is not allowed with resources.train.gpu = {gpus}: "
                 f"must be a multiple of it (each of the {gpus} training processes takes an equal share of a batch)")
+
+
+def _check_finetuning(params: dict) -> None:
+    """The lora methods train adapters on a pretrained model: every experiment run needs `finetune`."""
+    from cm.method_names import parse_method
+
+    lora = [(i, m) for i, m in enumerate(params["methods"]) if parse_method(m).lora]
+    for name in params["run"]:
+        finetune = params["experiments"][name]["finetune"]
+        if lora and finetune is None:
+            i, method = lora[0]
+            raise ConfigError(f"methods[{i}] = {method!r} is not allowed with experiment {name!r}: it fine-tunes "
+                              f"adapters on a pretrained model, and experiments.{name}.finetune is empty")
 
 
 def _check_theta_g_only(params: dict) -> None:

@@ -30,7 +30,18 @@ def build_network(config: dict, with_branches: bool = True) -> torch.nn.Module:
         # Checkpoints from before branch_scale / branch_layers existed used the released values.
         add_lowrank_branches(net, config["rank_ratio"], scale=config.get("branch_scale", 1.0),
                              layers=config.get("branch_layers", "decoder"))
+    if with_branches and config.get("lora"):  # a fine-tuning's adapters (peft, the finetune extra)
+        from cm.finetune import attach
+        from cm.methods.lora import lora_settings
+
+        attach(net, lora_settings(config["lora"]), tuple(config["lora"]["adapters"]))
     return net
+
+
+def has_reserved_capacity(config: dict) -> bool:
+    """Whether a trained checkpoint has CM's reserved capacity, which theta_g drops: low-rank branches,
+    or the `expert` LoRA adapter of a fine-tuning."""
+    return bool(config.get("rank_ratio")) or "expert" in (config.get("lora") or {}).get("adapters", ())
 
 
 def load_checkpoint(path: str | Path, expected_format: str) -> dict:
@@ -57,7 +68,13 @@ def _relative_gap(net_a, net_b, config: dict, seed: int = 0) -> float:
 
 def _merged_plain(net: torch.nn.Module, config: dict, drop_branches: bool) -> torch.nn.Module:
     plain = build_network(config, with_branches=False).to(next(net.parameters()).dtype)
-    plain.load_state_dict(merge_lowrank(net, drop_branches) if config.get("rank_ratio") else net.state_dict())
+    if config.get("lora"):  # both adapters, or theta_g: the general one only
+        from cm.finetune import merged
+
+        weights = merged(net, drop=("expert",) if drop_branches else ()).state_dict()
+    else:
+        weights = merge_lowrank(net, drop_branches) if config.get("rank_ratio") else net.state_dict()
+    plain.load_state_dict(weights)
     return plain
 
 
@@ -65,8 +82,8 @@ def merge(model_path: str | Path, out: str | Path, *, drop_branches: bool = Fals
     """Merge the EMA weights of a trained checkpoint into a plain U-Net checkpoint `out`."""
     state = load_checkpoint(model_path, "cm.model/1")
     config = state["config"]
-    has_branches = bool(config.get("rank_ratio"))
-    if drop_branches and not has_branches:
+    has_branches = bool(config.get("rank_ratio") or config.get("lora"))  # anything to merge
+    if drop_branches and not has_reserved_capacity(config):
         raise ConfigError(f"{model_path}: a {state['method']!r} checkpoint has no low-rank branches to drop; "
                           f"a theta_g-only model needs a CM variant's checkpoint")
     net = build_network(config)
@@ -80,7 +97,8 @@ def merge(model_path: str | Path, out: str | Path, *, drop_branches: bool = Fals
         report["gap_float32"] = _relative_gap(net, plain, config)
         if report["gap_float64"] > FLOAT64_TOL or report["gap_float32"] > FLOAT32_TOL:
             raise RuntimeError(f"{model_path}: merged and unmerged outputs differ: {report}")
-    io.save_torch(out, {"format": MERGED_FORMAT, "config": {**config, "rank_ratio": None},
+    plain_config = {k: v for k, v in config.items() if k != "lora"}  # a plain U-Net, whatever trained it
+    io.save_torch(out, {"format": MERGED_FORMAT, "config": {**plain_config, "rank_ratio": None},
                         "method": state["method"], "step": state["step"],
                         "state_dict": plain.state_dict(), "merge": report})
     return report

@@ -16,16 +16,23 @@ CM_VARIANTS = {"cm": {}, "lowrank_only": {"lambda": 0.0}, "cm_no_con": {"w_con":
 
 
 class MethodSpec(NamedTuple):
-    """A parsed method name: the CM variant (None for a plain base objective) and the base."""
+    """A parsed method name: the CM variant (None for a plain base objective), the base, and whether
+    it fine-tunes through LoRA adapters on frozen pretrained weights (cm/finetune)."""
 
     variant: str | None
     base: str
+    lora: bool = False
 
 
 METHODS: dict[str, MethodSpec] = {name: MethodSpec(None, name) for name in BASE_NAMES}
 for _variant in CM_VARIANTS:
     METHODS[_variant] = MethodSpec(_variant, "ddpm")
     METHODS.update({f"{_variant}+{base}": MethodSpec(_variant, base) for base in BASE_NAMES})
+# Fine-tuning (paper section 3.3, an experiment with `finetune`): a `general` adapter trained with DDPM
+# (the paper's LoRA row) or OC, or CM with an `expert` adapter beside it as the reserved capacity.
+LORA_METHODS = {"lora": MethodSpec(None, "ddpm", True), "lora+oc": MethodSpec(None, "oc", True),
+                "lora+cm": MethodSpec("cm", "ddpm", True)}
+METHODS.update(LORA_METHODS)
 METHOD_NAMES: tuple[str, ...] = tuple(METHODS)
 
 # Evaluation-only models -> the training method whose checkpoint they reuse: `<method>_gonly` is the
@@ -48,8 +55,8 @@ def parse_method(name: str) -> MethodSpec:
                          f"{MERGE_ONLY[name]!r} with its branches dropped")
     raise ValueError(
         f"method = {name!r} is not allowed: one of {', '.join(METHOD_NAMES)} "
-        f"(a base {', '.join(BASE_NAMES)}, or a CM variant {', '.join(CM_VARIANTS)} optionally followed "
-        f"by +base)")
+        f"(a base {', '.join(BASE_NAMES)}, a CM variant {', '.join(CM_VARIANTS)} optionally followed "
+        f"by +base, or to fine-tune {', '.join(LORA_METHODS)})")
 
 
 def param_sections(name: str) -> tuple[str, ...]:

@@ -35,7 +35,7 @@ from cm.data.images import scale, to_nchw
 from cm.data.profiles import head_to_tail
 from cm.diffusion import GaussianDiffusion
 from cm.lowrank import LowRankConv2d, branches, branches_disabled
-from cm.merge import build_network, load_checkpoint
+from cm.merge import build_network, has_reserved_capacity, load_checkpoint
 
 SCOPES = ("conv_linear", "all")
 """Which weights `prune_smallest` ranks: conv/linear `.weight`s (for CM: W_g, never B or A), or every parameter."""
@@ -299,19 +299,24 @@ def pruning_probe(net: nn.Module, images: torch.Tensor, labels: torch.Tensor, nu
 
 def theta_g_probe(net: nn.Module, images: torch.Tensor, labels: torch.Tensor, num_classes: int,
                   diffusion: GaussianDiffusion, *, draws: int, seed: int, batch_size: int,
-                  class_counts: Sequence[int] | None = None) -> dict:
+                  class_counts: Sequence[int] | None = None, theta_g_net: nn.Module | None = None) -> dict:
     """Table 7's theta_g model per class: each class's loss for a CM network with its low-rank branches on
     (`loss_full`) and off (`loss_theta_g`), on identical draws. The dict is `compare_class_losses`'s plus
-    `branches` (how many convs have one), `draws` and `seed`. ValueError for a network without branches."""
+    `branches` (how many convs have one), `draws` and `seed`. ValueError for a network without branches.
+    theta_g_net: the theta_g model as a network of its own (a fine-tuning merged without its `expert`
+    adapter, beside `net` merged with it); `branches` is then None."""
     _check_images_and_labels(net, images, labels, num_classes)
-    count = sum(1 for _ in branches(net))
+    count = None if theta_g_net is not None else sum(1 for _ in branches(net))
     if count == 0:
         raise ValueError(f"this {type(net).__name__} has no low-rank branches: the theta_g probe needs a "
                          f"CM variant's network (built with its rank_ratio)")
     scored = dict(diffusion=diffusion, draws=draws, seed=seed, batch_size=batch_size)
     full_losses = per_image_losses(net, images, labels, **scored)
-    with branches_disabled(net):
-        theta_g_losses = per_image_losses(net, images, labels, **scored)
+    if theta_g_net is not None:
+        theta_g_losses = per_image_losses(theta_g_net, images, labels, **scored)
+    else:
+        with branches_disabled(net):
+            theta_g_losses = per_image_losses(net, images, labels, **scored)
     result = compare_class_losses(full_losses, theta_g_losses, labels, num_classes, names=("full", "theta_g"),
                                   class_counts=class_counts)
     return {**result, "branches": count, "draws": draws, "seed": seed}
@@ -491,12 +496,18 @@ def probe_model(model_path: str | Path, manifest: dict, experiment: dict) -> dic
     diffusion = GaussianDiffusion(**experiment["diffusion"])
     scored = dict(draws=settings["draws"], seed=settings["seed"], batch_size=settings["batch_size"],
                   class_counts=manifest["class_counts"])
-    has_branches = any(True for _ in branches(net))
+    has_branches, theta_g_net = any(True for _ in branches(net)), None
+    if config.get("lora"):  # a fine-tuning: probe the plain model its adapters merge into
+        from cm.finetune import merged
+
+        if has_reserved_capacity(config):
+            theta_g_net, has_branches = merged(net, drop=("expert",)).eval(), True
+        net = merged(net).eval().requires_grad_(True)  # every weight, for the gradient dominance
     return {
         "pruning": pruning_probe(net, images, labels, manifest["num_classes"], diffusion,
                                  fraction=settings["fraction"], scope=settings["scope"], **scored),
-        "theta_g": theta_g_probe(net, images, labels, manifest["num_classes"], diffusion, **scored)
-        if has_branches else None,
+        "theta_g": theta_g_probe(net, images, labels, manifest["num_classes"], diffusion, theta_g_net=theta_g_net,
+                                 **scored) if has_branches else None,
         "dominance": gradient_dominance(net, images, labels, manifest["splits"], diffusion,
                                         batches=settings["dominance_batches"], batch_size=settings["batch_size"],
                                         seed=settings["seed"]),

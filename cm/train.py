@@ -129,6 +129,8 @@ def model_config(manifest: dict, experiment: dict, method) -> dict:
         "rank_ratio": method.rank_ratio,
         "branch_scale": method.branch_scale,
         "branch_layers": method.branch_layers,
+        # Fine-tuning: the adapters to rebuild (absent otherwise, so such configs keep their bytes).
+        **({"lora": method.lora} if method.lora else {}),
     }
 
 
@@ -272,7 +274,7 @@ def train(*, manifest: dict, experiment: dict, method_name: str, method_params: 
     y_all = torch.as_tensor(data.labels).to(dev)
     diffusion = GaussianDiffusion(**experiment["diffusion"])
     method = build_method(method_name, diffusion=diffusion, train=cfg, all_params=method_params,
-                          class_counts=manifest["class_counts"])
+                          class_counts=manifest["class_counts"], lora=(experiment.get("finetune") or {}).get("lora"))
     config = model_config(manifest, experiment, method)
     net = build_unet(config["preset"], num_classes=config["num_classes"],
                      in_channels=config["in_channels"], image_size=config["image_size"])

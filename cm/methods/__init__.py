@@ -33,6 +33,7 @@ from cm.methods.base import LossOutput, Method
 from cm.methods.cbdm import CBDM
 from cm.methods.cm import CM_DEFAULTS, CapacityManipulation
 from cm.methods.ddpm import DDPM
+from cm.methods.lora import GeneralAdapter, lora_settings
 from cm.methods.oc import OC
 
 __all__ = ["LossOutput", "Method", "METHODS", "METHOD_NAMES", "MERGE_ONLY", "PARAM_DEFAULTS",
@@ -95,17 +96,29 @@ def resolve_params(name: str, method_params: dict | None = None, own: dict | Non
 
 
 def build_method(name: str, *, diffusion: GaussianDiffusion, train: dict, params: dict | None = None,
-                 class_counts: list[int], all_params: dict | None = None) -> Method:
+                 class_counts: list[int], all_params: dict | None = None, lora: dict | None = None) -> Method:
     """The objective `name` with its hyper-parameters.
 
     params: `method_params.<name>` (the method's own section; for a CM variant it may instead
     carry the CM keys and a `base` sub-dict). all_params: the whole `method_params` mapping, from
     which a CM variant takes `cm` and its base's section. Pass both from params.yaml:
     `build_method(name, ..., params=method_params.get(name, {}), all_params=method_params)`.
+    lora: the experiment's `finetune.lora` settings, which the lora methods need.
     """
     spec = parse_method(name)
     values = resolve_params(name, all_params, params)
+    if spec.lora and lora is None:
+        raise ValueError(f"method {name!r} fine-tunes adapters on a pretrained model: the experiment needs a "
+                         f"finetune section")
     if spec.variant is None:
-        return BASES[spec.base](diffusion, train, values, class_counts)
+        base = BASES[spec.base](diffusion, train, values, class_counts)
+        return GeneralAdapter(base, lora, name) if spec.lora else base
     base = BASES[spec.base](diffusion, train, values.pop("base"), class_counts)
-    return CapacityManipulation(base, class_counts, name=name, **values)
+    if not spec.lora:
+        return CapacityManipulation(base, class_counts, name=name, **values)
+    from cm.finetune import ExpertAdapters  # the optional extra, only for fine-tuning
+
+    method = CapacityManipulation(base, class_counts, name=name, reservation=ExpertAdapters(lora_settings(lora)),
+                                  **values)
+    method.lora = {**lora, "adapters": ["general", "expert"]}  # what merging rebuilds
+    return method

@@ -32,6 +32,7 @@ class Method:
     rank_ratio: float | None = None  # set by objectives that reserve low-rank capacity,
     branch_scale: float = 1.0        # with the scaling of B A
     branch_layers: str = "decoder"   # and the convs that get a branch (cm/lowrank.py)
+    lora: dict | None = None         # set by fine-tuning objectives: LoRA settings and adapter names
 
     def prepare(self, net: nn.Module) -> None:
         """Modify the freshly built network before training (default: nothing)."""

@@ -54,7 +54,8 @@ class CapacityManipulation(Method):
             raise TypeError(f"CapacityManipulation got unexpected parameters {sorted(unknown)}")
         self.base = base
         self.name = name or ("cm" if base.name == "ddpm" else f"cm+{base.name}")
-        self.rank_ratio, self.branch_scale, self.branch_layers = rank_ratio, float(branch_scale), branch_layers
+        self.branch_scale, self.branch_layers = float(branch_scale), branch_layers
+        self.rank_ratio = rank_ratio if reservation is None else None  # None: no low-rank branches to rebuild
         self.lam = float(kwargs.get("lambda", CM_DEFAULTS["lambda"]))
         self.w_con, self.w_div = float(w_con), float(w_div)
         self.passes = check_passes(passes)

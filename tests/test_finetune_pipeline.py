@@ -1,0 +1,66 @@
+"""Fine-tuning through the pipeline (paper section 3.3): the pretrain stage's model is where every
+lora method starts; its weights stay as they were (only adapters train and are checkpointed), the
+merged model has the pretrained layout, and lora+cm's theta_g model drops the expert adapter.
+(Sampling, evaluation and the report take merged models, whatever trained them: tests/test_pipeline.py.)"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import yaml
+
+from cm import io
+from tests.conftest import run
+
+pytest.importorskip("peft")
+pytestmark = pytest.mark.e2e
+
+EXP = "results/digits_ft_lt"
+
+
+@pytest.fixture(scope="module")
+def finetuned(shared_project):
+    params = yaml.safe_load((shared_project / "params.yaml").read_text())
+    exp = params["experiments"]["digits_ft_lt"]
+    exp["model"] = "tiny"
+    exp["diffusion"]["timesteps"] = 100
+    exp["finetune"]["pretrain"]["train"].update(steps=20, checkpoint_every=10, log_every=10, warmup_steps=5)
+    exp["train"].update(steps=20, checkpoint_every=10, log_every=10, warmup_steps=5, batch_size=32)
+    exp["sample"].update(per_class=6, steps=5, batch_size=60)
+    exp["evaluate"]["feature_net"].update(steps=30)
+    exp["evaluate"].update(kid_subsets=5)
+    params["tracking"]["enabled"] = False
+    (shared_project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    targets = [f"{EXP}/{stage}/{model}/seed0{ext}" for stage, ext in (("merged", "/model.pt"), ("probe", ".json"))
+               for model in ("lora", "lora+cm")] + [f"{EXP}/merged/lora+cm_gonly/seed0/model.pt"]
+    run(["snakemake", "--cores", "2", *targets, "--config", "run=[digits_ft_lt]", "methods=[lora,lora+cm]",
+         "theta_g_only=[lora+cm]"], shared_project, timeout=900)
+    return shared_project
+
+
+def test_adapters_train_on_the_pretrained_weights_which_stay_as_they_were(finetuned):
+    pretrained = io.load_torch(finetuned / EXP / "pretrain/model.pt")["ema"]
+    for method in ("lora", "lora+cm"):
+        trained = io.load_torch(finetuned / EXP / f"train/{method}/seed0/model.pt")
+        base = {k.replace(".base_layer", ""): v for k, v in trained["ema"].items() if "lora_" not in k}
+        assert base.keys() == pretrained.keys()
+        assert all(torch.equal(base[k], pretrained[k]) for k in base), method  # W_f untouched
+        adapters = {k for k in trained["ema"] if "lora_" in k}
+        assert {k.split(".")[-2] for k in adapters} == ({"general"} if method == "lora" else {"general", "expert"})
+        checkpoint = io.load_torch(sorted((finetuned / EXP / f"train/{method}/seed0/checkpoints").rglob("*.pt"))[-1])
+        assert set(checkpoint["model"]) == adapters  # only what trains is checkpointed
+        merged = io.load_torch(finetuned / EXP / f"merged/{method}/seed0/model.pt")["state_dict"]
+        assert {k: v.shape for k, v in merged.items()} == {k: v.shape for k, v in pretrained.items()}
+        changed = [k for k in merged if not torch.equal(merged[k], pretrained[k])]
+        assert changed and all(k.endswith(("conv1.weight", "conv2.weight", "q.weight", "k.weight", "v.weight",
+                                           "proj.weight")) for k in changed), changed
+
+
+def test_the_theta_g_model_drops_the_expert_adapter_and_is_probed(finetuned):
+    pretrained = io.load_torch(finetuned / EXP / "pretrain/model.pt")["ema"]
+    full = io.load_torch(finetuned / EXP / "merged/lora+cm/seed0/model.pt")["state_dict"]
+    gonly = io.load_torch(finetuned / EXP / "merged/lora+cm_gonly/seed0/model.pt")["state_dict"]
+    differ = [k for k in full if not torch.equal(full[k], gonly[k])]
+    assert differ and all(not torch.equal(gonly[k], pretrained[k]) for k in differ)  # general kept, expert gone
+    probe = io.read_json(finetuned / EXP / "probe/lora+cm/seed0.json")
+    assert probe["theta_g"] is not None and io.read_json(finetuned / EXP / "probe/lora/seed0.json")["theta_g"] is None
