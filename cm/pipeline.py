@@ -16,12 +16,13 @@ CODE = {
     "reference_features": ["cm/data", "cm/metrics", "cm/evaluate.py"],
     "pretrain": ["cm/accel.py", "cm/data", "cm/diffusion.py", "cm/distributed.py", "cm/methods", "cm/models",
                  "cm/pretrain.py", "cm/train.py"],
-    "train": ["cm/accel.py", "cm/data", "cm/diffusion.py", "cm/distributed.py", "cm/lowrank.py", "cm/methods",
-              "cm/models", "cm/pretrain.py", "cm/train.py"],
-    "merge": ["cm/lowrank.py", "cm/merge.py", "cm/models"],
+    "train": ["cm/accel.py", "cm/data", "cm/diffusion.py", "cm/distributed.py", "cm/finetune", "cm/lowrank.py",
+              "cm/methods", "cm/models", "cm/pretrain.py", "cm/train.py"],
+    "merge": ["cm/finetune", "cm/lowrank.py", "cm/merge.py", "cm/models"],
     "sample": ["cm/accel.py", "cm/diffusion.py", "cm/models", "cm/sample.py"],
     "evaluate": ["cm/evaluate.py", "cm/metrics"],
-    "probe": ["cm/data", "cm/diffusion.py", "cm/lowrank.py", "cm/merge.py", "cm/models", "cm/probe.py"],
+    "probe": ["cm/data", "cm/diffusion.py", "cm/finetune", "cm/lowrank.py", "cm/merge.py", "cm/models",
+              "cm/probe.py"],
     "report": ["cm/report.py"],
 }
 
