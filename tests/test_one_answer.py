@@ -84,8 +84,9 @@ def test_snakemake_at_any_core_count_and_dvc_repro_give_the_same_bits(project, t
     assert np.bincount(reference["samples/cm/seed0/samples.npz labels"]).tolist() == [12] * 10  # balanced
     assert 0 < reference["metrics/cm/seed0.json"]["fid"] < 1e4  # a real run
     files = outputs(project)
-    # manifest, evaluator (2), reference (2), train (2), merged, samples, metrics, features
-    assert len(files) == 11, sorted(files)
+    # manifest, evaluator (2), reference (2), pretrain (2: the from-scratch record, its empty history),
+    # train (model and history), merged, samples, metrics, features
+    assert len(files) == 13, sorted(files)
     for name in ("cores_1", "dvc"):
         assert_same_numbers(reference, numbers(copies[name]), name)
         assert outputs(copies[name]) == files, name  # every output, byte for byte

@@ -21,7 +21,7 @@ from tests.conftest import ROOT, run
 from tests.test_config import DUPLICATES, MISTAKES
 
 pytestmark = pytest.mark.e2e
-STAGE_RUNS = {"prepare_data": 1, "train_evaluator": 1, "reference_features": 1, "train": 2, "merge": 2,
+STAGE_RUNS = {"prepare_data": 1, "pretrain": 1, "train_evaluator": 1, "reference_features": 1, "train": 2, "merge": 2,
               "sample": 2, "evaluate": 2, "probe": 2, "report": 1}
 
 
