@@ -18,9 +18,9 @@ import argparse
 import copy
 import platform
 import statistics
-import time
 
 import torch
+from step_time import time_interleaved
 
 from cm.data.profiles import exponential_counts
 from cm.diffusion import GaussianDiffusion
@@ -98,22 +98,6 @@ def make_steps(label: str, pretrained, channels: int, args, counts) -> tuple[dic
              f"{label} merged infer": infer_step(plain, x0, t, y)}
     return steps, {"params": count, "adapter params (both)": adapters,
                    "float32 max|merged - adapted| / max|adapted|": gap}
-
-
-def time_interleaved(steps: dict, rounds: int, per_round: int) -> dict[str, list[float]]:
-    """Seconds per call of each function, per round: 2 warm-up calls each, then `rounds` rounds
-    that time every function in turn."""
-    for step in steps.values():
-        for _ in range(2):
-            step()
-    times = {name: [] for name in steps}
-    for _ in range(rounds):
-        for name, step in steps.items():
-            start = time.perf_counter()
-            for _ in range(per_round):
-                step()
-            times[name].append((time.perf_counter() - start) / per_round)
-    return times
 
 
 def main():
