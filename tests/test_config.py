@@ -64,7 +64,7 @@ MISTAKES = [
     (lambda r: r.update(methods=["cm+cm"]), "methods[0]", "'cm+cm'", "one of ddpm, cbdm, oc, cm"),
     (lambda r: r["experiments"]["digits_lt"]["data"].update(source="mnist"),
      "experiments.digits_lt.data.source", "'mnist'", "one of digits, npz"),
-    (lambda r: r.update(run=["digits"]), "run[0]", "'digits'", "is not an experiment; defined: celebahq_ir100"),
+    (lambda r: r.update(run=["digits"]), "run[0]", "'digits'", "is not an experiment; defined: capacity_ch16, capacity_ch32"),
     (lambda r: r.update(seeds=[]), "seeds", "[]", "at least 1"),
     (lambda r: r.update(methods=["cm", "cm"]), "methods", "['cm', 'cm']", "without repeated items"),
     (lambda r: r["experiments"]["digits_lt"].update(model="huge"),

@@ -51,16 +51,19 @@ def test_names_are_stable_and_complete():
     assert METHOD_NAMES[:7] == ("ddpm", "cbdm", "oc", "cm", "cm+ddpm", "cm+cbdm", "cm+oc")
     for variant in ("lowrank_only", "cm_no_con", "cm_no_div"):
         assert {variant, *(f"{variant}+{b}" for b in BASES)} <= set(METHOD_NAMES)
-    assert len(METHOD_NAMES) == len(set(METHOD_NAMES)) == 19
+    assert METHOD_NAMES[-3:] == ("lora", "lora+oc", "lora+cm")  # fine-tuning
+    assert len(METHOD_NAMES) == len(set(METHOD_NAMES)) == 22
     assert MERGE_ONLY["cm_gonly"] == "cm" and set(MERGE_ONLY.values()) <= set(METHOD_NAMES)
-    # Exactly the methods with low-rank branches have a theta_g-only model.
-    assert sorted(MERGE_ONLY.values()) == sorted(m for m in METHOD_NAMES if m.split("+")[0] in CM_VARIANTS)
+    # Exactly the methods with reserved capacity (low-rank branches, or lora+cm's expert adapter)
+    # have a theta_g-only model.
+    assert sorted(MERGE_ONLY.values()) == sorted(
+        [m for m in METHOD_NAMES if m.split("+")[0] in CM_VARIANTS] + ["lora+cm"])
     assert evaluated_methods({"methods": ["ddpm", "cm", "cm+oc"], "theta_g_only": ["cm+oc", "cm"]}) == [
         "ddpm", "cm", "cm+oc", "cm+oc_gonly", "cm_gonly"]
     assert not set(MERGE_ONLY) & set(METHOD_NAMES)
 
 
-@pytest.mark.parametrize("name", METHOD_NAMES)
+@pytest.mark.parametrize("name", [m for m in METHOD_NAMES if not m.startswith("lora")])
 def test_every_name_builds_and_trains_one_step(name):
     method, net = make(name)
     assert method.name == name
@@ -168,3 +171,21 @@ def test_lowrank_only_is_the_base_with_branches_and_one_pass():
     torch.manual_seed(2)
     torch.testing.assert_close(out.loss, method.base(net, x0, y).loss, rtol=0, atol=0)
     assert calls == [1, 1] and "loss_cm" not in out.stats  # one pass each for the method and the replay
+
+
+@pytest.mark.parametrize("name", ["lora", "lora+oc", "lora+cm"])
+def test_lora_methods_train_only_their_adapters(name):
+    pytest.importorskip("peft")
+    lora = {"rank": 2, "alpha": None, "target_modules": None}
+    with pytest.raises(ValueError, match="needs a finetune section"):
+        make(name)
+    method = build_method(name, diffusion=GaussianDiffusion(100), train={"label_drop": 0.0, "batch_size": 6},
+                          class_counts=[8, 4, 2, 1], all_params=ALL, lora=lora)
+    net = build_unet("tiny", num_classes=4, in_channels=1, image_size=8)
+    method.prepare(net)
+    adapters = {"general", "expert"} if name == "lora+cm" else {"general"}
+    assert sorted(method.lora["adapters"]) == sorted(adapters) and method.rank_ratio is None
+    method(net, *batch()).loss.backward()
+    trained = {n for n, p in net.named_parameters() if p.grad is not None}
+    assert trained and all(".lora_" in n for n in trained)  # W_f gets no gradient
+    assert {n.split(".")[-2] for n in trained} == adapters
