@@ -89,8 +89,9 @@ def test_a_killed_training_job_resumes_when_the_pipeline_runs_again(prepared, or
     target = {"snakemake": ["snakemake", "--cores", "1", f"{TRAIN}/model.pt"],
               "dvc": ["dvc", "repro", "--single-item", "train@digits_lt-cm-0"]}[orchestrator]
     reference = prepared / "reference" / "model.pt"
-    if orchestrator == "dvc":
+    if orchestrator == "dvc":  # the training's inputs, as a `dvc repro` of the whole graph would leave them
         run(["dvc", "commit", "--force", "--quiet", "prepare_data@digits_lt"], prepared)
+        run(["dvc", "repro", "--quiet", "--single-item", "pretrain@digits_lt"], prepared)
     proc = start(target, prepared)
     wait_for(lambda: checkpoint_steps(prepared / TRAIN) or proc.poll() is not None, what="a checkpoint")
     time.sleep(random.uniform(0.0, 0.4))
