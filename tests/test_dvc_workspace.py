@@ -114,18 +114,22 @@ def test_after_dvc_pull_snakemake_touch_marks_the_restored_outputs_up_to_date(pr
         out = run(["snakemake", "--dry-run", target, *extra], clone)
         return set(re.findall(r"^(\w+)\s+1$", out.stdout, re.M)) - {"total"}
 
-    assert planned() == {"train", "merge"}
+    # The pretrain stage's inputs are code only, so whether it looks stale too depends on whether the
+    # clone's files or the restored output got the later time: either way it is not what the test is about.
+    assert planned() - {"pretrain"} == {"train", "merge"}
     # Leaving mtime out of the rerun triggers does not help: Snakemake 9 compares modification
     # times whatever the triggers, unless it recorded the inputs' checksums (a clone has no record).
-    assert planned("--rerun-triggers", "params", "input", "software-env", "code") == {"train", "merge"}
-    run(["snakemake", "--cores", "1", "--touch", target], clone)
+    assert planned("--rerun-triggers", "params", "input", "software-env", "code") - {"pretrain"} == {"train", "merge"}
+    # --forceall: every job of the graph marks its outputs, stale-looking or not (the pretrain stage,
+    # whose inputs are code only, may look current and would otherwise go unrecorded).
+    run(["snakemake", "--cores", "1", "--touch", "--forceall", target], clone)
     assert planned() == set()
     assert restored_as_locked(clone)  # contents untouched
     # Only the times changed: a later edit of the code or of params.yaml is still seen.
     code = clone / "cm/train.py"
     original = code.read_text()
     code.write_text(original + "# edited\n")
-    assert planned() == {"train", "merge"}
+    assert planned() == {"pretrain", "train", "merge"}  # the pretrain stage trains with it too
     code.write_text(original)
     assert planned() == set()
     params["experiments"]["digits_lt"]["train"]["lr"] = 0.001
