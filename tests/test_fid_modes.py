@@ -171,7 +171,7 @@ def test_the_other_modes_file_is_named_as_such(tmp_path, monkeypatch):
     fake = tmp_path / "inception-2015-12-05.pt"
     fake.write_bytes(b"clean-fid's bytes")
     monkeypatch.setitem(inception.WEIGHTS, "clean", dataclasses.replace(
-        inception.WEIGHTS["clean"], sha256=inception.sha256_of(fake)))
+        inception.WEIGHTS["clean"], sha256=io.file_sha256(fake)))
     msg = one_line_error(fake, "legacy_pytorch")
     assert "(clean-fid's TorchScript Inception, the file of evaluate.fid_mode clean;" in msg
     assert inception.WEIGHTS["legacy_pytorch"].sha256 in msg
@@ -201,10 +201,10 @@ def test_pytorch_fid_network_loads_a_local_file_without_network(fake_pytorch_fid
     with pytest.raises(io.CorruptFileError, match="a torch.save file"):  # the real hash is enforced
         load_inception(path, mode="legacy_pytorch")
     monkeypatch.setitem(inception.WEIGHTS, "legacy_pytorch", dataclasses.replace(
-        inception.WEIGHTS["legacy_pytorch"], sha256=inception.sha256_of(path)))
+        inception.WEIGHTS["legacy_pytorch"], sha256=io.file_sha256(path)))
     net = load_inception(path, mode="legacy_pytorch")
     assert (net.fid_mode, net.weights_file, net.weights_sha256) == ("legacy_pytorch", str(path),
-                                                                   inception.sha256_of(path))
+                                                                   io.file_sha256(path))
     assert not net.training and not any(p.requires_grad for p in net.net.parameters())
     state = torch.load(path, weights_only=True)
     block0, block3 = net.net.blocks[0], net.net.blocks[3]  # clean-fid's InceptionV3, pool3 output

@@ -31,7 +31,6 @@ layer (``base(img)`` itself would re-resize with bilinear sampling), or pytorch-
 
 from __future__ import annotations
 
-import hashlib
 import os
 import platform
 import tempfile
@@ -133,15 +132,6 @@ def resolve_weights(weights_path: str | os.PathLike | None, mode: str = "clean")
     return file
 
 
-def sha256_of(path: str | os.PathLike) -> str:
-    """Hex sha256 of a file, read in 1 MiB blocks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _file_kind(path: Path) -> str:
     """What a file is, from its first bytes or zip listing, to say what was given instead."""
     if zipfile.is_zipfile(path):
@@ -165,7 +155,7 @@ def check_weights(file: Path, mode: str) -> str:
     """The file's sha256, if it is the mode's published file; otherwise CorruptFileError in one line
     naming the file, what it is instead, the expected hash and where the right file comes from."""
     w = _check_mode(mode)
-    digest = sha256_of(file)
+    digest = io.file_sha256(file)
     if digest == w.sha256:
         return digest
     other = [m for m, o in WEIGHTS.items() if o.sha256 == digest]
