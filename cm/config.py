@@ -125,11 +125,13 @@ def _allowed(error: jsonschema.ValidationError) -> str:
 
 
 def _alternative(subschema: dict) -> str:
-    """One `oneOf` alternative in words (a $ref'd enum, or a mapping with its required keys)."""
+    """One `oneOf` alternative in words (a $ref'd enum, a constant, or a mapping with its required keys)."""
     if "$ref" in subschema:
         subschema = schema()["$defs"][subschema["$ref"].rsplit("/", 1)[1]]
     if "enum" in subschema:
         return "one of " + ", ".join(map(str, subschema["enum"]))
+    if "const" in subschema:
+        return str(subschema["const"])
     return "a mapping with " + " and ".join(subschema["required"])
 
 
@@ -163,7 +165,7 @@ def _semantic_checks(params: dict, base_dir: Path) -> None:
     for i, name in enumerate(params["run"]):
         if name not in params["experiments"]:
             raise ConfigError(f"run[{i}] = {name!r} is not an experiment; defined: {', '.join(known)}")
-    _check_finetuning(params)
+    _check_finetuning(params, base_dir)
     for name in params["run"]:
         data = params["experiments"][name]["data"]
         key = f"experiments.{name}.data.path"
@@ -188,17 +190,96 @@ def _semantic_checks(params: dict, base_dir: Path) -> None:
                 f"must be a multiple of it (each of the {gpus} training processes takes an equal share of a batch)")
 
 
-def _check_finetuning(params: dict) -> None:
-    """The lora methods train adapters on a pretrained model: every experiment run needs `finetune`."""
+def _check_finetuning(params: dict, base_dir: Path) -> None:
+    """The lora methods train adapters on a pretrained model: every experiment run needs `finetune`, whose
+    starting model exists and fits the data, and whose LoRA targets name layers it has."""
     from cm.method_names import parse_method
 
     lora = [(i, m) for i, m in enumerate(params["methods"]) if parse_method(m).lora]
     for name in params["run"]:
-        finetune = params["experiments"][name]["finetune"]
+        experiment = params["experiments"][name]
+        finetune = experiment["finetune"]
         if lora and finetune is None:
             i, method = lora[0]
             raise ConfigError(f"methods[{i}] = {method!r} is not allowed with experiment {name!r}: it fine-tunes "
                               f"adapters on a pretrained model, and experiments.{name}.finetune is empty")
+        from_folder = bool(finetune and finetune.get("diffusers"))
+        if (experiment["model"] == "diffusers") != from_folder:
+            raise ConfigError(f"experiments.{name}.model = {experiment['model']!r} is not allowed "
+                              + ("with finetune.diffusers: must be diffusers (the folder's U-Net)" if from_folder else
+                                 "without finetune.diffusers: diffusers names the U-Net of a diffusers folder"))
+        if from_folder:
+            _check_diffusers_folder(name, experiment, base_dir)
+        if lora and finetune is not None:
+            _check_lora_targets(name, experiment, base_dir)
+
+
+def _resolved(path: str, base_dir: Path) -> Path:
+    """A path of params.yaml, relative to its folder (where jobs run)."""
+    return Path(path) if Path(path).is_absolute() else base_dir / path
+
+
+def _check_diffusers_folder(name: str, experiment: dict, base_dir: Path) -> None:
+    """The folder exists, is a diffusers U-Net (or pipeline) and makes the data's images for its classes."""
+    from cm.data.sources import source_summary
+    from cm.errors import DataError
+    from cm.finetune.folders import check_fits, describe
+
+    key, settings = f"experiments.{name}.finetune.diffusers", experiment["finetune"]["diffusers"]
+    data = {**experiment["data"], "path": str(_resolved(experiment["data"]["path"], base_dir))
+            if experiment["data"].get("path") else None}
+    try:
+        available, (height, _, channels) = source_summary(data)
+    except DataError as err:
+        raise ConfigError(f"experiments.{name}.data: {err}") from None
+    names = settings["class_names"]
+    if names is not None and len(names) != len(available):
+        raise ConfigError(f"{key}.class_names has {len(names)} names, not allowed: the data has "
+                          f"{len(available)} classes, one name each")
+    try:
+        check_fits(describe(_resolved(settings["path"], base_dir)), image_shape=(channels, height),
+                   num_classes=len(available), prompt=settings["prompt"])
+    except ValueError as err:
+        raise ConfigError(f"{key}: {err}") from None
+
+
+def _check_lora_targets(name: str, experiment: dict, base_dir: Path) -> None:
+    """Every finetune.lora.target_modules entry names layers of the experiment's network (built on the
+    meta device: no memory, no weights)."""
+    import torch
+
+    targets = experiment["finetune"]["lora"]["target_modules"]
+    if not targets:
+        return  # the family's defaults, which are those the network has
+    try:
+        from cm.finetune.adapters import LoraSettings, resolve_targets
+    except ImportError as err:
+        raise ConfigError(f"experiment {name!r} fine-tunes with LoRA: it needs the finetune extra, "
+                          f"pip install -e '.[finetune]' ({err})") from None
+    with torch.device("meta"):
+        net = _network_for_check(experiment, base_dir)
+    try:
+        resolve_targets(net, LoraSettings(target_modules=tuple(targets)))
+    except ValueError as err:
+        raise ConfigError(f"experiments.{name}.finetune.lora.target_modules: {err}") from None
+
+
+def _network_for_check(experiment: dict, base_dir: Path):
+    from cm.data.sources import source_summary
+    from cm.finetune.folders import describe
+
+    finetune = experiment["finetune"]
+    if experiment["model"] == "diffusers":
+        from cm.finetune.diffusers_models import UNET_CLASSES
+
+        spec = describe(_resolved(finetune["diffusers"]["path"], base_dir))
+        return UNET_CLASSES[spec.unet_class].from_config(spec.unet)
+    from cm.models import build_unet
+
+    data = finetune["pretrain"]["data"]
+    data = {**data, "path": str(_resolved(data["path"], base_dir)) if data.get("path") else None}
+    available, (height, _, channels) = source_summary(data)
+    return build_unet(experiment["model"], num_classes=len(available), in_channels=channels, image_size=height)
 
 
 def _check_theta_g_only(params: dict) -> None:

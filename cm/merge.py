@@ -15,7 +15,7 @@ import torch
 from cm import io
 from cm.errors import ConfigError
 from cm.lowrank import add_lowrank_branches, merge_lowrank
-from cm.models import build_unet
+from cm.models import build_model
 
 MERGED_FORMAT = "cm.merged/1"
 FLOAT64_TOL = 1e-10   # relative to the output's scale
@@ -24,8 +24,7 @@ FLOAT32_TOL = 1e-5    # the branch forward already convolves with W_g + BA, so f
 
 def build_network(config: dict, with_branches: bool = True) -> torch.nn.Module:
     """Rebuild the U-Net described by a checkpoint's config, with its branches when it has some."""
-    net = build_unet(config["preset"], num_classes=config["num_classes"],
-                     in_channels=config["in_channels"], image_size=config["image_size"])
+    net = build_model(config)
     if with_branches and config.get("rank_ratio"):
         # Checkpoints from before branch_scale / branch_layers existed used the released values.
         add_lowrank_branches(net, config["rank_ratio"], scale=config.get("branch_scale", 1.0),
@@ -98,9 +97,10 @@ def merge(model_path: str | Path, out: str | Path, *, drop_branches: bool = Fals
         if report["gap_float64"] > FLOAT64_TOL or report["gap_float32"] > FLOAT32_TOL:
             raise RuntimeError(f"{model_path}: merged and unmerged outputs differ: {report}")
     plain_config = {k: v for k, v in config.items() if k != "lora"}  # a plain U-Net, whatever trained it
+    codec = {"codec": state["codec"]} if state.get("codec") else {}  # a latent model's VAE, for sampling
     io.save_torch(out, {"format": MERGED_FORMAT, "config": {**plain_config, "rank_ratio": None},
                         "method": state["method"], "step": state["step"],
-                        "state_dict": plain.state_dict(), "merge": report})
+                        "state_dict": plain.state_dict(), "merge": report, **codec})
     return report
 
 

@@ -1,10 +1,12 @@
 """The model an experiment starts from: its `pretrain` stage (paper section 3.3's setting).
 
 An experiment with a `finetune` section fine-tunes: the stage trains the U-Net with DDPM on
-`finetune.pretrain.data` (a balanced source, say) and every method of the experiment starts from those
-EMA weights; the `lora` methods keep them frozen and train adapters (cm/methods/lora.py). Any other
-experiment trains from scratch, and the stage writes a record saying so, so that training depends on
-this stage's output alike in Snakemake and DVC, whichever kind the experiment is.
+`finetune.pretrain.data` (a balanced source, say), or reads the diffusers model folder of
+`finetune.diffusers` (Stable Diffusion, say; cm/finetune/diffusers_models.py), and every method of the
+experiment starts from those weights; the `lora` methods keep them frozen and train adapters
+(cm/methods/lora.py). Any other experiment trains from scratch, and the stage writes a record saying
+so, so that training depends on this stage's output alike in Snakemake and DVC, whichever kind the
+experiment is.
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ def pretrain(*, experiment: dict, out: Path, checkpoint_root: Path, history_out:
         io.save_torch(out, {"format": FROM_SCRATCH})
         io.write_text(history_out, "step\n")
         return {"pretrained": 0}
+    if finetune.get("diffusers"):
+        return _from_diffusers_folder(experiment, out, history_out)
     source = finetune["pretrain"]
     manifest = build_manifest(source["data"])
     setting = {**experiment, "data": source["data"], "train": source["train"], "finetune": None}
@@ -38,13 +42,30 @@ def pretrain(*, experiment: dict, out: Path, checkpoint_root: Path, history_out:
     return {"pretrained": 1, **summary}
 
 
+def _from_diffusers_folder(experiment: dict, out: Path, history_out: Path) -> dict:
+    """The folder's U-Net (and VAE) as this stage's output; the class names of the data fill the prompts."""
+    from cm.data.sources import load_source, source_summary
+    from cm.finetune.diffusers_models import starting_model
+
+    settings = experiment["finetune"]["diffusers"]
+    _, (height, _, channels) = source_summary(experiment["data"])
+    names = settings["class_names"] or [name.replace("_", " ") for name in load_source(experiment["data"]).class_names]
+    record = starting_model(settings["path"], class_names=names, prompt=settings["prompt"],
+                            image_shape=(channels, height))
+    files = sorted(p for p in Path(settings["path"]).rglob("*") if p.is_file())
+    io.save_torch(out, {"format": PRETRAINED, **record, "method": "pretrained", "step": 0,
+                        "source": {str(p.relative_to(settings["path"])): io.file_sha256(p) for p in files}})
+    io.write_text(history_out, "step\n")
+    return {"pretrained": 1, "parameters": sum(v.numel() for v in record["ema"].values())}
+
+
 def load_pretrained(path: str | Path) -> dict | None:
-    """The EMA weights and model config of a pretrain stage's output ({"ema", "config"}), or None when
-    the experiment trains from scratch."""
+    """The EMA weights, model config and latent codec (None: pixels) of a pretrain stage's output
+    ({"ema", "config", "codec"}), or None when the experiment trains from scratch."""
     state = io.load_torch(path)
     if state.get("format") == FROM_SCRATCH:
         return None
     if state.get("format") != PRETRAINED or "ema" not in state:
         raise DataError(f"{path}: not a pretrain stage's output (format {state.get('format')!r}); "
                         f"run the experiment's pretrain stage again")
-    return {"ema": state["ema"], "config": state["config"]}
+    return {"ema": state["ema"], "config": state["config"], "codec": state.get("codec")}

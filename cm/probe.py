@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from cm import io
 from cm.data.images import scale, to_nchw
 from cm.data.profiles import head_to_tail
 from cm.diffusion import GaussianDiffusion
@@ -493,6 +494,12 @@ def probe_model(model_path: str | Path, manifest: dict, experiment: dict) -> dic
                          f"{manifest['num_classes']}: not a model of this experiment")
     data = load_training_set(manifest)
     images, labels = as_model_inputs(data.images, data.labels)
+    if config.get("diffusers"):  # a latent model's losses are on the latents of the images
+        codec = io.load_torch(model_path).get("codec")
+        if codec is not None:
+            from cm.finetune.diffusers_models import load_codec
+
+            images = load_codec(codec).encode(images)
     diffusion = GaussianDiffusion(**experiment["diffusion"])
     scored = dict(draws=settings["draws"], seed=settings["seed"], batch_size=settings["batch_size"],
                   class_counts=manifest["class_counts"])

@@ -60,6 +60,15 @@ def _finished_batch(path: Path, labels: np.ndarray) -> np.ndarray | None:
     return arrays["images"] if np.array_equal(arrays["labels"], labels) else None
 
 
+def _codec(meta: dict, device):
+    """The VAE of a latent model's merged checkpoint (the finetune extra), else None."""
+    if not meta.get("codec"):
+        return None
+    from cm.finetune.diffusers_models import load_codec
+
+    return load_codec(meta["codec"]).to(device)
+
+
 def sample(*, merged_path: str | Path, out: str | Path, experiment: dict, seed: int,
            device: str = "auto", progress: bool = True) -> dict:
     """Generate `per_class` images of every class and write them (NHWC, uint8 or with
@@ -71,6 +80,7 @@ def sample(*, merged_path: str | Path, out: str | Path, experiment: dict, seed: 
     accel.configure_backends(cfg["precision"], dev)
     accel.prepare_network(net, channels_last=cfg["channels_last"], compile=cfg["compile"])
     config = meta["config"]
+    codec = _codec(meta, dev)
     diffusion = GaussianDiffusion(**experiment["diffusion"])
     labels = balanced_labels(config["num_classes"], cfg["per_class"])
     shape = (config["in_channels"], config["image_size"], config["image_size"])
@@ -91,6 +101,8 @@ def sample(*, merged_path: str | Path, out: str | Path, experiment: dict, seed: 
             with accel.autocast(cfg["precision"], dev):  # the network's passes; the updates stay float32
                 x = diffusion.sample(net, y, (len(y), *shape), sampler=cfg["sampler"], steps=cfg["steps"],
                                      guidance=cfg["guidance"], generator=gen)
+            if codec is not None:  # a latent model: the samples are latents, the images their decoding
+                x = codec.decode(x)
             images = to_uint8(x) if cfg["quantize"] else to_unit_float(x)
             io.save_npz(chunk, images=images, labels=batch_labels)
         else:

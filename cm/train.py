@@ -33,7 +33,7 @@ from cm.data.images import scale, to_nchw
 from cm.diffusion import GaussianDiffusion
 from cm.errors import DataError, NonFiniteLossError
 from cm.methods import build_method, resolve_params
-from cm.models import build_unet
+from cm.models import build_model
 from cm.pretrain import load_pretrained
 
 log = logging.getLogger(__name__)
@@ -118,14 +118,17 @@ def _load_latest(folder: Path, max_step: int) -> dict | None:
     return None
 
 
-def model_config(manifest: dict, experiment: dict, method) -> dict:
-    """What is needed to rebuild the network (and its low-rank branches) from a state dict."""
+def model_config(manifest: dict, experiment: dict, method, start: dict | None = None) -> dict:
+    """What is needed to rebuild the network (and its low-rank branches) from a state dict. A
+    fine-tuning from a diffusers folder takes its network's description from the pretrained model."""
     height, width, channels = manifest["image_shape"]
+    if start is not None and start["config"].get("diffusers"):
+        network = {k: start["config"][k] for k in ("diffusers", "num_classes", "in_channels", "image_size")}
+    else:
+        network = {"preset": experiment["model"], "num_classes": manifest["num_classes"], "in_channels": channels,
+                   "image_size": height}
     return {
-        "preset": experiment["model"],
-        "num_classes": manifest["num_classes"],
-        "in_channels": channels,
-        "image_size": height,
+        **network,
         "rank_ratio": method.rank_ratio,
         "branch_scale": method.branch_scale,
         "branch_layers": method.branch_layers,
@@ -275,17 +278,20 @@ def train(*, manifest: dict, experiment: dict, method_name: str, method_params: 
     diffusion = GaussianDiffusion(**experiment["diffusion"])
     method = build_method(method_name, diffusion=diffusion, train=cfg, all_params=method_params,
                           class_counts=manifest["class_counts"], lora=(experiment.get("finetune") or {}).get("lora"))
-    config = model_config(manifest, experiment, method)
-    net = build_unet(config["preset"], num_classes=config["num_classes"],
-                     in_channels=config["in_channels"], image_size=config["image_size"])
+    config = model_config(manifest, experiment, method, start_from)
+    net = build_model(config)
     if start_from is not None:
         check_same_network(start_from["config"], config, pretrained)
         net.load_state_dict(start_from["ema"])
+    codec = start_from.get("codec") if start_from is not None else None
+    latents = encode_training_set(codec, x_all, experiment["data"]["hflip"]) if codec is not None else None
     method.prepare(net)
     trainer = Trainer(net, method, cfg, dev)
     net, ema, optimizer = trainer.net, trainer.ema, trainer.optimizer
     # Weights kept frozen (fine-tuning through adapters) are the pretrained ones: not checkpointed.
     frozen = {name for name, p in net.named_parameters() if not p.requires_grad}
+    if frozen:  # and then the buffers (prompt embeddings): they never train, they are the pretrained model's
+        frozen |= set(net.state_dict()) - {name for name, _ in net.named_parameters()}
     sampler = EpochSampler(len(y_all), cfg["batch_size"], seed)
     rows = distributed.local_rows(sampler.batch_size)
     start, history, nonfinite = 0, [], 0
@@ -329,10 +335,11 @@ def train(*, manifest: dict, experiment: dict, method_name: str, method_params: 
                disable=not (progress and main), mininterval=1.0 if sys.stderr.isatty() else 30.0)
     for step in bar:
         idx = _to_device(sampler.next(), dev)[rows]  # this rank's rows of the global batch
-        x0, y = scale(x_all[idx]), y_all[idx]
+        x0, y = (scale(x_all[idx]) if latents is None else latents[0][idx]), y_all[idx]
         if experiment["data"]["hflip"]:
             flip = distributed.draw(lambda n: torch.rand(n, device=dev) < 0.5, len(x0))
-            x0 = torch.where(flip.view(-1, 1, 1, 1), x0.flip(3), x0)
+            mirrored = x0.flip(3) if latents is None else latents[1][idx]
+            x0 = torch.where(flip.view(-1, 1, 1, 1), mirrored, x0)
         # Linear warm-up, then constant.
         trainer.step(x0, y, cfg["lr"] * min(1.0, (step + 1) / max(1, cfg["warmup_steps"])))
         logs = (step + 1) % cfg["log_every"] == 0 or step + 1 == cfg["steps"]
@@ -352,7 +359,8 @@ def train(*, manifest: dict, experiment: dict, method_name: str, method_params: 
     if main and not _holds(out, folder.name, cfg["steps"]):  # else: leave the same result byte-identical
         io.save_torch(out, {"format": "cm.model/1", "config": config, "method": method_name,
                             "step": cfg["steps"], "fingerprint": folder.name,
-                            "state_dict": net.state_dict(), "ema": ema.state_dict()})
+                            "state_dict": net.state_dict(), "ema": ema.state_dict(),
+                            **({"codec": codec} if codec is not None else {})})  # a latent model's VAE
     if main:
         write_history(history_out, history)
     steps_run = cfg["steps"] - start
@@ -363,9 +371,24 @@ def train(*, manifest: dict, experiment: dict, method_name: str, method_params: 
             "processes": distributed.world_size(), "history": history}
 
 
+def encode_training_set(codec_state: dict, images: torch.Tensor,
+                        hflip: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A latent model's training set, encoded once with its frozen VAE: the latents of the images and,
+    with hflip, of their mirror images (a flip of the image, not of its latent)."""
+    from cm.finetune.diffusers_models import load_codec
+
+    codec = load_codec(codec_state).to(images.device)
+
+    def encode(mirror: bool) -> torch.Tensor:  # chunks of the uint8 set: 256 px images take 0.8 MB as floats
+        return torch.cat([codec.encode(scale(chunk.flip(3) if mirror else chunk)) for chunk in images.split(256)])
+
+    return encode(False), encode(True) if hflip else None
+
+
 def check_same_network(pretrained: dict, config: dict, path) -> None:
     """A pretrained model must be the network the experiment builds: one line naming what differs."""
-    for key in ("preset", "num_classes", "in_channels", "image_size"):
+    keys = ("num_classes",) if config.get("diffusers") else ("preset", "num_classes", "in_channels", "image_size")
+    for key in keys:
         if pretrained.get(key) != config[key]:
             raise DataError(f"{path}: the pretrained model has {key} = {pretrained.get(key)!r}, the experiment's "
                             f"network needs {config[key]!r} (model and data must match the pretraining's)")

@@ -2,8 +2,7 @@
 loss and gradients against an independent computation, merging, diffusers folders, bad inputs.
 
 Every model is tiny, built from a config with random weights (as diffusers' own tests do); no network.
-The CLIP tokenizer is built in memory from a word-level vocabulary and merges (transformers 5 takes
-them as a dict and a list), then saved into the test's folder like a real pipeline's.
+The tiny models are tests/tiny_diffusers.py's.
 """
 
 from __future__ import annotations
@@ -22,7 +21,7 @@ pytest.importorskip("transformers")
 
 from diffusers import DDIMScheduler, UNet2DConditionModel, UNet2DModel  # noqa: E402
 from peft.tuners.tuners_utils import BaseTunerLayer  # noqa: E402
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer  # noqa: E402
+from transformers import CLIPTextModel, CLIPTokenizer  # noqa: E402
 
 from cm.diffusion import GaussianDiffusion  # noqa: E402
 from cm.finetune import (  # noqa: E402
@@ -46,6 +45,8 @@ from cm.finetune.diffusers_models import (  # noqa: E402
 from cm.methods.cm import CapacityManipulation, signed_class_weights  # noqa: E402
 from cm.methods.ddpm import DDPM  # noqa: E402
 from cm.models import build_unet  # noqa: E402
+from tests import tiny_diffusers  # noqa: E402
+from tests.tiny_diffusers import pretend_pretrained, tiny_cond_unet, tiny_text_encoder  # noqa: E402
 
 CLASSES = ("cat", "dog", "owl")
 COUNTS = (8, 3, 1)
@@ -56,52 +57,11 @@ KINDS = ("cm", "unet2d", "sd")  # the project's U-Net, UNet2DModel with class la
 
 
 def tiny_tokenizer() -> CLIPTokenizer:
-    """A CLIP BPE tokenizer whose merges spell each word of the prompts left to right."""
-    vocab, merges = {"<|startoftext|>": 0, "<|endoftext|>": 1}, []
-    for word in ("a", "painting", "in", "the", "style", "of", *CLASSES):
-        pieces = [*word[:-1], word[-1] + "</w>"]
-        for piece in pieces:
-            vocab.setdefault(piece, len(vocab))
-        head = pieces[0]
-        for piece in pieces[1:]:
-            if (head, piece) not in merges:
-                merges.append((head, piece))
-            head += piece
-            vocab.setdefault(head, len(vocab))
-    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=16)
-
-
-def tiny_text_encoder(vocab_size: int) -> CLIPTextModel:
-    torch.manual_seed(0)
-    return CLIPTextModel(CLIPTextConfig(vocab_size=vocab_size, hidden_size=12, intermediate_size=24,
-                                        num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=16,
-                                        bos_token_id=0, eos_token_id=1, pad_token_id=1)).eval()
-
-
-def tiny_cond_unet() -> UNet2DConditionModel:
-    torch.manual_seed(0)
-    return UNet2DConditionModel(block_out_channels=(8, 16), layers_per_block=1, sample_size=8, in_channels=4,
-                                out_channels=4, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=12,
-                                norm_num_groups=4, attention_head_dim=2)
+    return tiny_diffusers.tiny_tokenizer(("a", "painting", "in", "the", "style", "of", *CLASSES))
 
 
 def tiny_class_unet(num_class_embeds: int = len(CLASSES) + 1) -> UNet2DModel:
-    torch.manual_seed(0)
-    return UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16), layers_per_block=1,
-                       norm_num_groups=4, down_block_types=("DownBlock2D", "AttnDownBlock2D"),
-                       up_block_types=("AttnUpBlock2D", "UpBlock2D"), attention_head_dim=4,
-                       num_class_embeds=num_class_embeds)
-
-
-@torch.no_grad()
-def pretend_pretrained(net: nn.Module) -> nn.Module:
-    """Perturb every weight: the project's U-Net starts near the identity (1e-5 output gains),
-    and a trained model does not."""
-    gen = torch.Generator().manual_seed(1)
-    for p in net.parameters():
-        p.add_(0.05 * torch.randn(p.shape, generator=gen, dtype=p.dtype))
-    return net
+    return tiny_diffusers.tiny_class_unet(num_class_embeds)
 
 
 def make(kind: str) -> tuple[nn.Module, int]:

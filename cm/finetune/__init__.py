@@ -24,8 +24,9 @@ from cm.finetune.adapters import (
     merged,
 )
 
-_DIFFUSERS = ("ClassConditionedUNet", "PretrainedUNet", "check_matches", "load_pretrained_unet",
-              "prompt_embeddings", "save_merged_pretrained")
+_DIFFUSERS = ("ClassConditionedUNet", "LatentCodec", "PretrainedUNet", "check_matches", "load_codec",
+              "load_pretrained_unet", "network_from_config", "prompt_embeddings", "save_merged_pretrained",
+              "starting_model")
 
 
 def __getattr__(name: str):

@@ -4,7 +4,8 @@
 the model take the project's class labels (a class embedding for UNet2DModel, a per-class prompt
 for UNet2DConditionModel); `save_merged_pretrained` writes the adapters-merged plain U-Net back.
 Nothing here downloads: folders are local. For a latent model (Stable Diffusion) `x` is the VAE
-latent: encoding images with the VAE is the caller's (this module loads no VAE).
+latent; `LatentCodec` encodes images and decodes samples. `starting_model` turns a folder into the
+pipeline's pretrained-model record, and `network_from_config` rebuilds its network in later stages.
 """
 
 from __future__ import annotations
@@ -14,43 +15,24 @@ from pathlib import Path
 from typing import NamedTuple
 
 import torch
-from diffusers import UNet2DConditionModel, UNet2DModel
+from diffusers import AutoencoderKL, UNet2DConditionModel, UNet2DModel
 from torch import nn
 
 from cm.finetune.adapters import merged, tuner_layers
+from cm.finetune.folders import check_fits, describe
 from cm.models.unet import NULL_LABEL
 
 UNET_CLASSES = {"UNet2DModel": UNet2DModel, "UNet2DConditionModel": UNet2DConditionModel}
-EXPECTED = ("a diffusers UNet saved with save_pretrained (config.json with _class_name UNet2DModel or "
-            "UNet2DConditionModel), or a Stable Diffusion pipeline folder (model_index.json, unet/, text_encoder/, "
-            "tokenizer/)")
 
 
 class PretrainedUNet(NamedTuple):
-    """What `load_pretrained_unet` found: the U-Net, and the text encoder and tokenizer of a pipeline
-    folder that lists them (None otherwise)."""
+    """What `load_pretrained_unet` found: the U-Net, the text encoder and tokenizer of a pipeline folder
+    that lists them, and its VAE (each None otherwise)."""
 
     unet: UNet2DModel | UNet2DConditionModel
     text_encoder: nn.Module | None = None
     tokenizer: object | None = None
-
-
-def _read_json(path: Path, folder: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as err:
-        raise ValueError(f"{folder} is not a diffusers model: {path.name} is unreadable ({err}); expected {EXPECTED}")
-
-
-def _load_unet_folder(folder: Path, root: Path) -> UNet2DModel | UNet2DConditionModel:
-    config = folder / "config.json"
-    if not config.is_file():
-        raise ValueError(f"{root} is not a diffusers model: no {config.relative_to(root.parent)}; expected {EXPECTED}")
-    name = _read_json(config, root).get("_class_name")
-    if name not in UNET_CLASSES:
-        raise ValueError(f"{root} holds a {name!r}, not a U-Net this project fine-tunes: "
-                         f"one of {', '.join(UNET_CLASSES)}")
-    return UNET_CLASSES[name].from_pretrained(folder, local_files_only=True)
+    vae: AutoencoderKL | None = None
 
 
 def _load_transformers_part(root: Path, part: str, entry) -> object:
@@ -61,33 +43,27 @@ def _load_transformers_part(root: Path, part: str, entry) -> object:
     if library != "transformers" or not hasattr(transformers, cls or ""):
         raise ValueError(f"{root}/model_index.json lists {part} = {entry!r}: expected a transformers class, "
                          f"e.g. ['transformers', 'CLIPTextModel']")
-    if not (root / part).is_dir():
-        raise ValueError(f"{root} is not a complete pipeline: model_index.json lists {part} but {part}/ is missing")
     return getattr(transformers, cls).from_pretrained(root / part, local_files_only=True)
 
 
 def load_pretrained_unet(folder) -> PretrainedUNet:
-    """Load a pretrained U-Net from a local folder.
+    """Load a pretrained U-Net from a local folder (see cm/finetune/folders.py for what is accepted).
 
     A U-Net folder (config.json): the UNet2DModel or UNet2DConditionModel its `_class_name` names.
     A pipeline folder (model_index.json, as Stable Diffusion's): its unet/, plus text_encoder/ and
     tokenizer/ when model_index.json lists them (needed to turn class names into prompts), loaded
-    with the transformers classes it names. Anything else raises ValueError.
+    with the transformers classes it names, and vae/ when listed. Anything else raises ValueError.
     """
-    root = Path(folder)
-    if not root.is_dir():
-        raise ValueError(f"pretrained model folder {root} does not exist; expected {EXPECTED}")
-    index = root / "model_index.json"
-    if not index.is_file():
-        return PretrainedUNet(_load_unet_folder(root, root))
-    parts = _read_json(index, root)
-    if "unet" not in parts:
-        raise ValueError(f"{root}/model_index.json lists no unet: expected {EXPECTED}")
-    unet = _load_unet_folder(root / "unet", root)
-    if "text_encoder" in parts and "tokenizer" in parts:
-        return PretrainedUNet(unet, _load_transformers_part(root, "text_encoder", parts["text_encoder"]),
-                              _load_transformers_part(root, "tokenizer", parts["tokenizer"]))
-    return PretrainedUNet(unet)
+    spec = describe(folder)
+    root = spec.root
+    if not (root / "model_index.json").is_file():
+        return PretrainedUNet(UNET_CLASSES[spec.unet_class].from_pretrained(root, local_files_only=True))
+    parts = json.loads((root / "model_index.json").read_text())
+    unet = UNET_CLASSES[spec.unet_class].from_pretrained(root / "unet", local_files_only=True)
+    text = [_load_transformers_part(root, part, parts[part]) for part in ("text_encoder", "tokenizer")] if spec.text \
+        else [None, None]
+    vae = AutoencoderKL.from_pretrained(root / "vae", local_files_only=True) if spec.vae is not None else None
+    return PretrainedUNet(unet, *text, vae)
 
 
 def check_matches(unet: nn.Module, image_size: int, channels: int) -> None:
@@ -179,6 +155,81 @@ class ClassConditionedUNet(nn.Module):
         return self.unet(x, t, encoder_hidden_states=self.prompt_embeds[idx]).sample
 
 
+def plain_config(model) -> dict:
+    """A diffusers model's config as JSON types (its own serialisation): checkpoints load with
+    weights_only, which refuses the paths and tuples of the live config."""
+    return json.loads(model.to_json_string())
+
+
+class LatentCodec:
+    """The frozen VAE of a latent diffusion model (Stable Diffusion): images in [-1, 1] <-> the latents
+    its U-Net denoises, z = (E(x) - shift) * scaling_factor with E's posterior mode (deterministic, so a
+    training set is encoded once), and the decoder's images clamped to [-1, 1]."""
+
+    def __init__(self, vae: AutoencoderKL):
+        self.vae = vae.eval().requires_grad_(False)
+        self.scale = vae.config.scaling_factor
+        self.shift = getattr(vae.config, "shift_factor", None) or 0.0
+
+    @classmethod
+    def from_state(cls, state: dict) -> LatentCodec:
+        """The codec of `state()`'s output (kept in pretrained, trained and merged checkpoints)."""
+        vae = AutoencoderKL.from_config(state["config"])
+        vae.load_state_dict(state["state_dict"])
+        return cls(vae)
+
+    def state(self) -> dict:
+        return {"config": plain_config(self.vae), "state_dict": self.vae.state_dict()}
+
+    def to(self, device) -> LatentCodec:
+        self.vae.to(device)
+        return self
+
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor, batch_size: int = 32) -> torch.Tensor:
+        return torch.cat([(self.vae.encode(chunk).latent_dist.mode() - self.shift) * self.scale
+                          for chunk in images.split(batch_size)])
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor, batch_size: int = 32) -> torch.Tensor:
+        return torch.cat([self.vae.decode(chunk / self.scale + self.shift).sample.float().clamp(-1, 1)
+                          for chunk in latents.split(batch_size)])
+
+
+def load_codec(state: dict | None) -> LatentCodec | None:
+    """The latent codec a checkpoint carries (`codec`), or None for a model that works on pixels."""
+    return None if state is None else LatentCodec.from_state(state)
+
+
+def starting_model(folder, *, class_names, prompt: str | None, image_shape: tuple[int, int]) -> dict:
+    """A diffusers folder as the pretrain stage's output (cm/pretrain.py): the ClassConditionedUNet's
+    weights as `ema` (prompt embeddings included: later stages need no text encoder), the `config` that
+    rebuilds it (`network_from_config`) and, for a latent model, the VAE as `codec`."""
+    spec = describe(folder)
+    check_fits(spec, image_shape=image_shape, num_classes=len(class_names), prompt=prompt)
+    found = load_pretrained_unet(folder)
+    if spec.unet_class == "UNet2DConditionModel":
+        net = ClassConditionedUNet.from_prompts(found.unet, found.text_encoder, found.tokenizer, class_names, prompt)
+    else:
+        net = ClassConditionedUNet(found.unet, len(class_names))
+    channels, size = spec.network_shape()
+    embeds = net.prompt_embeds
+    config = {"diffusers": {"unet": plain_config(found.unet),
+                            "prompt_shape": None if embeds is None else list(embeds.shape)},
+              "num_classes": len(class_names), "in_channels": channels, "image_size": size}
+    codec = None if found.vae is None else LatentCodec(found.vae).state()
+    return {"config": config, "ema": net.state_dict(), "codec": codec}
+
+
+def network_from_config(config: dict) -> ClassConditionedUNet:
+    """The ClassConditionedUNet a `starting_model` config describes, with initial weights (load a
+    state dict into it): the U-Net from its diffusers config, a placeholder for the prompt embeddings."""
+    unet_config = config["diffusers"]["unet"]
+    unet = UNET_CLASSES[unet_config["_class_name"]].from_config(unet_config)
+    shape = config["diffusers"]["prompt_shape"]
+    return ClassConditionedUNet(unet, config["num_classes"], None if shape is None else torch.zeros(shape))
+
+
 def save_merged_pretrained(net: nn.Module, folder, drop=()) -> Path:
     """Save the plain diffusers U-Net of `net` (a ClassConditionedUNet or the U-Net itself) with
     `save_pretrained`: its adapters, if any, merged first (`merged(net, drop)`; `net` is not
@@ -194,5 +245,6 @@ def save_merged_pretrained(net: nn.Module, folder, drop=()) -> Path:
     return folder
 
 
-__all__ = ["ClassConditionedUNet", "PretrainedUNet", "check_matches", "load_pretrained_unet", "prompt_embeddings",
-           "save_merged_pretrained"]
+__all__ = ["ClassConditionedUNet", "LatentCodec", "PretrainedUNet", "check_matches", "load_codec",
+           "load_pretrained_unet", "network_from_config", "prompt_embeddings", "save_merged_pretrained",
+           "starting_model"]

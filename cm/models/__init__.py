@@ -1,4 +1,5 @@
-"""Model zoo: the class-conditional DDPM U-Net and its named size presets."""
+"""Model zoo: the class-conditional DDPM U-Net and its named size presets; `build_model` rebuilds a
+checkpoint's network (a diffusers one too, for fine-tuning)."""
 
 from __future__ import annotations
 
@@ -32,4 +33,16 @@ def build_unet(model: str | dict, *, num_classes: int, in_channels: int, image_s
                 image_size=image_size)
 
 
-__all__ = ["NULL_LABEL", "PRESETS", "UNet", "build_unet"]
+def build_model(config: dict):
+    """The network a checkpoint's config describes, with initial weights (no low-rank branches or
+    adapters: cm/merge.py's build_network adds those): this project's U-Net, or for a fine-tuning that
+    starts from a diffusers folder (`config["diffusers"]`) its class-conditioned diffusers U-Net."""
+    if config.get("diffusers"):
+        from cm.finetune.diffusers_models import network_from_config  # the optional finetune extra
+
+        return network_from_config(config)
+    return build_unet(config["preset"], num_classes=config["num_classes"], in_channels=config["in_channels"],
+                      image_size=config["image_size"])
+
+
+__all__ = ["NULL_LABEL", "PRESETS", "UNet", "build_model", "build_unet"]
