@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -287,6 +288,27 @@ def cmd_compare(args) -> None:
     print((Path(args.out_dir) / "summary.md").read_text(), end="")
 
 
+def cmd_export_diffusers(args) -> None:
+    """A merged model of a fine-tuning from a diffusers folder, as a plain diffusers U-Net folder."""
+    from cm.merge import load_merged
+
+    net, meta = load_merged(args.merged)
+    if not meta["config"].get("diffusers"):
+        raise ConfigError(f"{args.merged}: a {meta['method']!r} model of this project's U-Net; only a fine-tuning "
+                          f"that started from a diffusers folder (model: diffusers) exports to diffusers")
+    out = Path(args.out)
+    if out.exists():
+        raise ConfigError(f"--out {out} exists: nothing is overwritten; remove it or name a new folder")
+    from cm.finetune.diffusers_models import save_merged_pretrained
+
+    partial = out.with_name(f".{out.name}.partial")  # renamed when complete: no half-written folder
+    shutil.rmtree(partial, ignore_errors=True)
+    save_merged_pretrained(net, partial)
+    partial.rename(out)
+    print(f"{out}: {type(net.unet).__name__} (from_pretrained loads it; the prompts' text encoder is the "
+          f"starting pipeline's)")
+
+
 def cmd_lock_diff(args) -> None:
     """Exit 1, one line per difference, when a reproduced dvc.lock differs from the committed one;
     on a machine of another kind than `--made-on` names, differing outputs are reported only."""
@@ -413,6 +435,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--x", required=True, help="the setting they differ in, a dotted key of an experiment (model.ch)")
     p.add_argument("--results", default="results", help="the results folder (default: results)")
     p.add_argument("--out-dir", required=True, help="folder for summary.csv, summary.md and sweep.png")
+    p = sub.add_parser("export-diffusers", help="write a merged fine-tuned model as a diffusers U-Net folder",
+                       description="Write the plain U-Net of a merged model (merge's --out) of an experiment with "
+                                   "model: diffusers with save_pretrained: it replaces unet/ of the starting pipeline.")
+    p.add_argument("merged", help="the merged model (results/<exp>/merged/<method>/seed<s>/model.pt)")
+    p.add_argument("--out", required=True, help="the folder to write")
+    p.set_defaults(func=cmd_export_diffusers, stage="export-diffusers")
     p = sub.add_parser("lock-diff", help="compare a reproduced dvc.lock with the committed one",
                        description="Exit 1, with one line per differing parameter, dependency or output "
                                    "(naming the stage), when a reproduced dvc.lock differs from the committed one.")

@@ -8,11 +8,20 @@ from cm.models.unet import NULL_LABEL
 
 
 class GaussianDiffusion:
-    """Linear beta schedule; the network predicts the noise eps."""
+    """Linear beta schedule (DDPM's), or `scaled_linear` (Stable Diffusion's: linear in sqrt(beta), as
+    diffusers' schedulers define it); the network predicts the noise eps."""
 
-    def __init__(self, timesteps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02):
+    SCHEDULES = ("linear", "scaled_linear")
+
+    def __init__(self, timesteps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02,
+                 schedule: str = "linear"):
+        if schedule not in self.SCHEDULES:
+            raise ValueError(f"diffusion schedule {schedule!r} is not allowed: one of {', '.join(self.SCHEDULES)}")
         self.timesteps = timesteps
-        betas = torch.linspace(beta_start, beta_end, timesteps, dtype=torch.float64)
+        if schedule == "linear":
+            betas = torch.linspace(beta_start, beta_end, timesteps, dtype=torch.float64)
+        else:
+            betas = torch.linspace(beta_start ** 0.5, beta_end ** 0.5, timesteps, dtype=torch.float64) ** 2
         self.alphas_bar = torch.cumprod(1.0 - betas, dim=0)  # abar_t, float64 for accuracy
         self._on_device: dict[torch.device, torch.Tensor] = {}
 

@@ -22,6 +22,19 @@ def test_schedule_and_forward_process():
     torch.testing.assert_close(d.q_sample(x0, t, eps), abar.sqrt() * x0 + (1 - abar).sqrt() * eps)
 
 
+def test_stable_diffusions_schedule_matches_diffusers():
+    pytest.importorskip("diffusers")
+    from diffusers import DDPMScheduler
+
+    ours = GaussianDiffusion(1000, 0.00085, 0.012, schedule="scaled_linear")
+    theirs = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear").alphas_cumprod
+    torch.testing.assert_close(ours.alphas_bar.float(), theirs, rtol=1e-5, atol=1e-7)
+    betas = [(0.00085 ** 0.5 + (0.012 ** 0.5 - 0.00085 ** 0.5) * i / 999) ** 2 for i in range(1000)]
+    assert ours.alphas_bar[-1].item() == pytest.approx(math.prod(1 - b for b in betas), rel=1e-9)
+    with pytest.raises(ValueError, match="'cosine' is not allowed: one of linear, scaled_linear"):
+        GaussianDiffusion(schedule="cosine")
+
+
 class Oracle(torch.nn.Module):
     """The exact noise predictor for data that is one point x* per class (class c: x* = c - 1)."""
 

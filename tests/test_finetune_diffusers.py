@@ -107,6 +107,21 @@ def test_adapters_train_on_frozen_weights_and_merge_into_the_folders_unet(finetu
     assert io.read_json(finetuned / EXP / "probe/lora+cm/seed0.json")["theta_g"] is not None
 
 
+def test_a_merged_model_exports_as_the_folders_unet(finetuned, tmp_path):
+    merged = finetuned / EXP / "merged/lora+cm/seed0/model.pt"
+    run(["python", "-m", "cm", "export-diffusers", str(merged), "--out", str(tmp_path / "unet")], finetuned)
+    exported = UNet2DConditionModel.from_pretrained(tmp_path / "unet")
+    assert exported.config.sample_size == 4 and not any("lora" in k for k in exported.state_dict())
+    weights = io.load_torch(merged)["state_dict"]
+    assert all(torch.equal(v, weights[f"unet.{k}"]) for k, v in exported.state_dict().items())
+    again = run(["python", "-m", "cm", "export-diffusers", str(merged), "--out", str(tmp_path / "unet")], finetuned,
+                check=False)
+    assert again.returncode == 2 and "exists: nothing is overwritten" in again.stderr
+    plain = run(["python", "-m", "cm", "export-diffusers", str(finetuned / EXP / "pretrain/model.pt"), "--out",
+                 str(tmp_path / "x")], finetuned, check=False)
+    assert plain.returncode == 2 and "cm.merged/1" in plain.stderr and not (tmp_path / "x").exists()
+
+
 def test_samples_are_decoded_images_of_every_class(finetuned):
     for method in ("lora", "lora+cm", "lora+cm_gonly"):
         samples = io.load_npz(finetuned / EXP / f"samples/{method}/seed0/samples.npz", required=("images", "labels"))
@@ -156,3 +171,50 @@ def test_snakemake_stops_at_a_bad_start_before_any_job(sd_project, tmp_path):
     said = [line for line in (result.stderr + result.stdout).splitlines() if line.startswith("params.yaml: ")]
     assert result.returncode != 0 and len(said) == 1 and "pretrained/missing does not exist" in said[0], result.stdout
     assert not (root / "results").exists()
+
+
+ARTBENCH_STYLES = ("art_nouveau", "baroque", "expressionism", "impressionism", "post_impressionism", "realism",
+                   "renaissance", "romanticism", "surrealism", "ukiyo_e")
+
+
+def stand_in_artbench(root, per_class: int = 100) -> None:
+    """ArtBench-10's ImageFolder layout with smooth 256 px images (PNG compresses them to a few KB);
+    100 per style, the fewest with which ratio 100 leaves every class an image (the profile's head count
+    is the smallest class's)."""
+    from PIL import Image
+
+    gen = np.random.default_rng(0)
+    ramp = np.linspace(0, 1, 256)[None, :, None]
+    for style in ARTBENCH_STYLES:
+        (root / style).mkdir(parents=True)
+        for i in range(per_class):
+            colour = gen.uniform(0, 255, size=(1, 1, 3))
+            Image.fromarray((colour * ramp + (255 - colour) * (1 - ramp)).repeat(256, 0).astype(np.uint8)).save(
+                root / style / f"{i:04d}.png")
+
+
+def test_the_papers_stable_diffusion_entry_runs_on_stand_in_folders(sd_project, tmp_path):
+    """sd15_artbench_ir100 as written (scaled_linear schedule, prompt template, attention-only LoRA, 256 px,
+    bf16, flips), with a tiny pipeline of the SD layout and a stand-in for ArtBench-10 in its folders and
+    a few steps: the checks pass, and lora+cm trains, merges and samples 256 px images."""
+    root = tmp_path / "project"
+    shutil.copytree(sd_project, root, ignore=shutil.ignore_patterns("results", ".snakemake", "logs", ".dvc"))
+    words = ("a", "painting", "in", "the", "style", "of", *" ".join(ARTBENCH_STYLES).replace("_", " ").split())
+    save_pipeline(root / "pretrained/stable-diffusion-v1-5", words,
+                  unet=pretend_pretrained(tiny_cond_unet(sample_size=32)), vae=tiny_vae(image_channels=3, blocks=4))
+    stand_in_artbench(root / "data/artbench10/train")
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    exp = params["experiments"]["sd15_artbench_ir100"]
+    exp["train"].update(steps=2, batch_size=4, checkpoint_every=2, log_every=1, warmup_steps=1)
+    exp["sample"].update(per_class=1, steps=2, batch_size=10)
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    out = "results/sd15_artbench_ir100/samples/lora+cm/seed0/samples.npz"
+    run(["snakemake", "--cores", "2", out, "--config", "run=[sd15_artbench_ir100]", "methods=[lora+cm]"], root,
+        timeout=900)
+    samples = io.load_npz(root / out, required=("images", "labels"))
+    assert samples["images"].shape == (10, 256, 256, 3) and np.array_equal(samples["labels"], np.arange(10))
+    record = io.load_torch(root / "results/sd15_artbench_ir100/pretrain/model.pt")
+    assert record["config"]["image_size"] == 32 and record["config"]["in_channels"] == 4  # SD's latents
+    trained = io.load_torch(root / "results/sd15_artbench_ir100/train/lora+cm/seed0/model.pt")
+    adapted = {k.split(".lora_")[0] for k in trained["ema"] if ".lora_" in k}
+    assert adapted and all(k.endswith(("to_q", "to_k", "to_v", "to_out.0")) for k in adapted)

@@ -57,13 +57,14 @@ def tiny_class_unet(num_class_embeds: int, sample_size: int = 8, channels: int =
                        num_class_embeds=num_class_embeds)
 
 
-def tiny_vae(image_channels: int = 1) -> AutoencoderKL:
-    """A VAE that halves the image size once (two blocks) into 4 latent channels, as SD's into 4."""
+def tiny_vae(image_channels: int = 1, blocks: int = 2) -> AutoencoderKL:
+    """A VAE into 4 latent channels, as SD's, that halves the image size blocks - 1 times (SD's: 4 blocks,
+    256 px -> 32)."""
     torch.manual_seed(0)
     return AutoencoderKL(in_channels=image_channels, out_channels=image_channels, latent_channels=4,
-                         block_out_channels=(8, 8), layers_per_block=1, norm_num_groups=4,
-                         down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-                         sample_size=8).eval()
+                         block_out_channels=(8,) * blocks, layers_per_block=1, norm_num_groups=4,
+                         down_block_types=("DownEncoderBlock2D",) * blocks,
+                         up_block_types=("UpDecoderBlock2D",) * blocks, sample_size=8).eval()
 
 
 @torch.no_grad()
