@@ -32,7 +32,7 @@ from cm.data import load_training_set
 from cm.data.images import scale, to_nchw
 from cm.diffusion import GaussianDiffusion
 from cm.errors import DataError, NonFiniteLossError
-from cm.methods import build_method, resolve_params
+from cm.methods import build_method, parse_method, resolve_params
 from cm.models import build_model
 from cm.pretrain import load_pretrained
 
@@ -269,6 +269,9 @@ def train(*, manifest: dict, experiment: dict, method_name: str, method_params: 
     start_from = load_pretrained(pretrained) if pretrained is not None else None
     if start_from is not None:
         run["pretrained"] = io.file_sha256(pretrained)
+    lora = (experiment.get("finetune") or {}).get("lora")
+    if parse_method(method_name).lora:  # the adapters' shape: another rank must not resume these checkpoints
+        run["lora"] = lora
     folder = Path(checkpoint_root) / fingerprint(run)
 
     torch.manual_seed(seed)
@@ -277,7 +280,7 @@ def train(*, manifest: dict, experiment: dict, method_name: str, method_params: 
     y_all = torch.as_tensor(data.labels).to(dev)
     diffusion = GaussianDiffusion(**experiment["diffusion"])
     method = build_method(method_name, diffusion=diffusion, train=cfg, all_params=method_params,
-                          class_counts=manifest["class_counts"], lora=(experiment.get("finetune") or {}).get("lora"))
+                          class_counts=manifest["class_counts"], lora=lora)
     config = model_config(manifest, experiment, method, start_from)
     net = build_model(config)
     if start_from is not None:

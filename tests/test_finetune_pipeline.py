@@ -5,6 +5,8 @@ merged model has the pretrained layout, and lora+cm's theta_g model drops the ex
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import yaml
@@ -64,3 +66,41 @@ def test_the_theta_g_model_drops_the_expert_adapter_and_is_probed(finetuned):
     assert differ and all(not torch.equal(gonly[k], pretrained[k]) for k in differ)  # general kept, expert gone
     probe = io.read_json(finetuned / EXP / "probe/lora+cm/seed0.json")
     assert probe["theta_g"] is not None and io.read_json(finetuned / EXP / "probe/lora/seed0.json")["theta_g"] is None
+
+
+def test_train_base_trains_the_pretrained_weights_too_and_lora_settings_key_the_checkpoints(tmp_path):
+    """finetune.lora.train_base: false freezes W_f (checkpoints: adapters only); true trains W_f with the
+    adapters (checkpoints: everything). The LoRA settings are part of the checkpoint folder's key, so a run
+    of another rank or train_base never resumes these checkpoints."""
+    from cm import config as cfg
+    from cm.data import build_manifest
+    from cm.pretrain import pretrain
+    from cm.train import train
+    from tests.conftest import ROOT
+
+    params = cfg.load_params(ROOT / "params.yaml")
+    exp = copy.deepcopy(params["experiments"]["digits_ft_lt"])
+    exp["model"] = "tiny"
+    exp["finetune"]["pretrain"]["train"].update(steps=3, checkpoint_every=3, log_every=3, warmup_steps=1)
+    exp["train"].update(steps=3, checkpoint_every=3, log_every=3, warmup_steps=1, batch_size=16)
+    pretrain(experiment=exp, out=tmp_path / "pre.pt", checkpoint_root=tmp_path / "pre", history_out=tmp_path / "h.csv",
+             device="cpu", progress=False)
+    pretrained = io.load_torch(tmp_path / "pre.pt")["ema"]
+    manifest = build_manifest(exp["data"])
+    folders = {}
+    for train_base in (False, True):
+        exp["finetune"]["lora"]["train_base"] = train_base
+        out = tmp_path / f"{train_base}.pt"
+        train(manifest=manifest, experiment=exp, method_name="lora", method_params=params["method_params"], seed=0,
+              out=out, checkpoint_root=tmp_path / "ck", history_out=tmp_path / f"{train_base}.csv", device="cpu",
+              progress=False, pretrained=tmp_path / "pre.pt")
+        trained = io.load_torch(out)
+        base = {k.replace(".base_layer", ""): v for k, v in trained["state_dict"].items() if "lora_" not in k}
+        changed = {k for k in base if not torch.equal(base[k], pretrained[k])}
+        checkpoint = io.load_torch(next((tmp_path / "ck" / trained["fingerprint"]).glob("*.pt")))
+        if train_base:
+            assert changed and set(checkpoint["model"]) == set(trained["state_dict"])
+        else:
+            assert not changed and all("lora_" in k for k in checkpoint["model"])
+        folders[train_base] = trained["fingerprint"]
+    assert folders[False] != folders[True]

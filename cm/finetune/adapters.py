@@ -51,6 +51,8 @@ class LoraSettings:
     init: peft's `init_lora_weights`: True (A kaiming-uniform) or "gaussian" (A normal); B starts at
         zero either way, so attaching does not change the function.
     dropout: dropout on the adapters' input (0: the two passes of CM see the same adapters).
+    train_base: False (the paper's setting): W_f is frozen and only the adapters train; True: W_f trains
+        with them (full fine-tuning, CM's expert adapter still the reserved capacity).
     """
 
     rank: int = 8
@@ -58,6 +60,7 @@ class LoraSettings:
     target_modules: tuple[str, ...] | None = None
     init: bool | str = True
     dropout: float = 0.0
+    train_base: bool = False
 
     def __post_init__(self):
         if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
@@ -67,6 +70,8 @@ class LoraSettings:
         if not (self.init is True or self.init == "gaussian"):  # `in INITS` would take 1 for True
             raise ValueError(f"LoRA init = {self.init!r} is not allowed: one of {', '.join(map(repr, INITS))} "
                              f"(B starts at zero and W_f is left alone)")
+        if not isinstance(self.train_base, bool):
+            raise ValueError(f"LoRA train_base = {self.train_base!r} is not allowed: true or false")
         if not 0 <= self.dropout < 1:
             raise ValueError(f"LoRA dropout = {self.dropout!r} is not allowed: in [0, 1)")
         if self.target_modules is not None:
@@ -174,8 +179,9 @@ def _peft_mixin(net: nn.Module, targets: Sequence[str]):
 
 def attach(net: nn.Module, settings: LoraSettings = LoraSettings(),
            adapters: Sequence[str] = (GENERAL,)) -> list[str]:
-    """Freeze every base parameter of `net` and add the named LoRA adapters, in place; all of the
-    net's adapters end active and trainable. Returns the qualified names of the adapted layers.
+    """Freeze every base parameter of `net` (unless `settings.train_base`) and add the named LoRA
+    adapters, in place; all of the net's adapters end active and trainable. Returns the qualified
+    names of the adapted layers.
 
     A diffusers model with PeftAdapterMixin (UNet2DConditionModel, also inside a ClassConditionedUNet)
     gets them through its own `add_adapter`, so diffusers' adapter API (`active_adapters`,
@@ -201,6 +207,9 @@ def attach(net: nn.Module, settings: LoraSettings = LoraSettings(),
             else:
                 inject_adapter_in_model(config, net, adapter_name=name)
     set_adapter(net, list(adapter_names(net)))  # peft: active, and requires_grad on their A and B
+    if settings.train_base:
+        for p in net.parameters():
+            p.requires_grad_(True)
     return [n for n, _ in tuner_layers(net)]
 
 

@@ -18,7 +18,8 @@ def lora_settings(lora: dict):
     except ImportError as err:
         raise ImportError(f"the lora methods need the finetune extra: pip install -e '.[finetune]' ({err})") from None
     targets = lora.get("target_modules")
-    return LoraSettings(rank=lora["rank"], alpha=lora.get("alpha"), target_modules=tuple(targets) if targets else None)
+    return LoraSettings(rank=lora["rank"], alpha=lora.get("alpha"), target_modules=tuple(targets) if targets else None,
+                        train_base=lora.get("train_base", False))
 
 
 class GeneralAdapter(Method):
