@@ -210,6 +210,8 @@ def _check_finetuning(params: dict, base_dir: Path) -> None:
                                  "without finetune.diffusers: diffusers names the U-Net of a diffusers folder"))
         if from_folder:
             _check_diffusers_folder(name, experiment, base_dir)
+        elif finetune is not None:
+            _check_pretraining_fits(name, experiment, base_dir)
         if lora and finetune is not None:
             _check_lora_targets(name, experiment, base_dir)
 
@@ -221,17 +223,10 @@ def _resolved(path: str, base_dir: Path) -> Path:
 
 def _check_diffusers_folder(name: str, experiment: dict, base_dir: Path) -> None:
     """The folder exists, is a diffusers U-Net (or pipeline) and makes the data's images for its classes."""
-    from cm.data.sources import source_summary
-    from cm.errors import DataError
     from cm.finetune.folders import check_fits, describe
 
     key, settings = f"experiments.{name}.finetune.diffusers", experiment["finetune"]["diffusers"]
-    data = {**experiment["data"], "path": str(_resolved(experiment["data"]["path"], base_dir))
-            if experiment["data"].get("path") else None}
-    try:
-        available, (height, _, channels) = source_summary(data)
-    except DataError as err:
-        raise ConfigError(f"experiments.{name}.data: {err}") from None
+    available, (height, _, channels) = _summary(experiment["data"], base_dir, f"experiments.{name}.data")
     names = settings["class_names"]
     if names is not None and len(names) != len(available):
         raise ConfigError(f"{key}.class_names has {len(names)} names, not allowed: the data has "
@@ -241,6 +236,29 @@ def _check_diffusers_folder(name: str, experiment: dict, base_dir: Path) -> None
                    num_classes=len(available), prompt=settings["prompt"])
     except ValueError as err:
         raise ConfigError(f"{key}: {err}") from None
+
+
+def _summary(data: dict, base_dir: Path, key: str):
+    """(images per class, (H, W, C)) of a data section, its path relative to params.yaml."""
+    from cm.data.sources import source_summary
+    from cm.errors import DataError
+
+    data = {**data, "path": str(_resolved(data["path"], base_dir)) if data.get("path") else None}
+    try:
+        return source_summary(data)
+    except DataError as err:
+        raise ConfigError(f"{key}: {err}") from None
+
+
+def _check_pretraining_fits(name: str, experiment: dict, base_dir: Path) -> None:
+    """The model pretrained on finetune.pretrain.data is the network the experiment's data needs."""
+    key = f"experiments.{name}.finetune.pretrain.data"
+    source, (height, width, channels) = _summary(experiment["finetune"]["pretrain"]["data"], base_dir, key)
+    target, shape = _summary(experiment["data"], base_dir, f"experiments.{name}.data")
+    if (height, width, channels) != tuple(shape) or len(source) != len(target):
+        raise ConfigError(f"{key} is not allowed: its {len(source)} classes of {channels}-channel {height}x{width} "
+                          f"images make a model that cannot fine-tune on experiments.{name}.data ({len(target)} "
+                          f"classes of {shape[2]}-channel {shape[0]}x{shape[1]}): the same classes and image shape")
 
 
 def _check_lora_targets(name: str, experiment: dict, base_dir: Path) -> None:
@@ -265,7 +283,6 @@ def _check_lora_targets(name: str, experiment: dict, base_dir: Path) -> None:
 
 
 def _network_for_check(experiment: dict, base_dir: Path):
-    from cm.data.sources import source_summary
     from cm.finetune.folders import describe
 
     finetune = experiment["finetune"]
@@ -276,9 +293,7 @@ def _network_for_check(experiment: dict, base_dir: Path):
         return UNET_CLASSES[spec.unet_class].from_config(spec.unet)
     from cm.models import build_unet
 
-    data = finetune["pretrain"]["data"]
-    data = {**data, "path": str(_resolved(data["path"], base_dir)) if data.get("path") else None}
-    available, (height, _, channels) = source_summary(data)
+    available, (height, _, channels) = _summary(finetune["pretrain"]["data"], base_dir, "finetune.pretrain.data")
     return build_unet(experiment["model"], num_classes=len(available), in_channels=channels, image_size=height)
 
 

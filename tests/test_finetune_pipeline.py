@@ -104,3 +104,28 @@ def test_train_base_trains_the_pretrained_weights_too_and_lora_settings_key_the_
             assert not changed and all("lora_" in k for k in checkpoint["model"])
         folders[train_base] = trained["fingerprint"]
     assert folders[False] != folders[True]
+
+
+def test_a_pretraining_or_lora_target_that_cannot_fit_is_one_line_when_params_are_read(tmp_path):
+    import numpy as np
+
+    from cm.config import ConfigError, check_params
+    from tests.conftest import ROOT
+
+    np.savez(tmp_path / "rgb.npz", images=np.zeros((20, 8, 8, 3), np.uint8), labels=np.arange(20) % 10)
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params.update(run=["digits_ft_lt"], methods=["lora", "lora+cm"])
+    exp = params["experiments"]["digits_ft_lt"]
+    for change, words in [
+        (lambda: exp["finetune"]["pretrain"]["data"].update(source="npz", path=str(tmp_path / "rgb.npz")),
+         ["finetune.pretrain.data is not allowed", "3-channel 8x8", "1-channel 8x8"]),
+        (lambda: exp["finetune"]["lora"].update(target_modules=["q", "conv9"]),
+         ["target_modules", "'conv9' matches no layer", "conv1, conv2"]),
+    ]:
+        saved = copy.deepcopy(exp)
+        change()
+        with pytest.raises(ConfigError) as caught:
+            check_params(params, base_dir=ROOT)
+        assert "\n" not in str(caught.value) and all(w in str(caught.value) for w in words), str(caught.value)
+        exp.clear()
+        exp.update(saved)
