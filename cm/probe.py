@@ -493,13 +493,14 @@ def probe_model(model_path: str | Path, manifest: dict, experiment: dict) -> dic
         raise ValueError(f"{model_path}: the model has {config['num_classes']} classes, the training set "
                          f"{manifest['num_classes']}: not a model of this experiment")
     data = load_training_set(manifest)
-    images, labels = as_model_inputs(data.images, data.labels)
-    if config.get("diffusers"):  # a latent model's losses are on the latents of the images
-        codec = io.load_torch(model_path).get("codec")
-        if codec is not None:
-            from cm.finetune.diffusers_models import load_codec
+    codec = io.load_torch(model_path).get("codec") if config.get("diffusers") else None
+    if codec is None:
+        images, labels = as_model_inputs(data.images, data.labels)
+    else:  # a latent model's losses are on the latents of the images
+        from cm.finetune.diffusers_models import load_codec
 
-            images = load_codec(codec).encode(images)
+        images = load_codec(codec).encode_stored(to_nchw(data.images))
+        labels = torch.as_tensor(np.asarray(data.labels), dtype=torch.int64)
     diffusion = GaussianDiffusion(**experiment["diffusion"])
     scored = dict(draws=settings["draws"], seed=settings["seed"], batch_size=settings["batch_size"],
                   class_counts=manifest["class_counts"])

@@ -381,11 +381,7 @@ def encode_training_set(codec_state: dict, images: torch.Tensor,
     from cm.finetune.diffusers_models import load_codec
 
     codec = load_codec(codec_state).to(images.device)
-
-    def encode(mirror: bool) -> torch.Tensor:  # chunks of the uint8 set: 256 px images take 0.8 MB as floats
-        return torch.cat([codec.encode(scale(chunk.flip(3) if mirror else chunk)) for chunk in images.split(256)])
-
-    return encode(False), encode(True) if hflip else None
+    return codec.encode_stored(images), codec.encode_stored(images, mirror=True) if hflip else None
 
 
 def check_same_network(pretrained: dict, config: dict, path) -> None:

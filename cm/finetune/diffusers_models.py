@@ -18,6 +18,7 @@ import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel, UNet2DModel
 from torch import nn
 
+from cm.data.images import scale
 from cm.finetune.adapters import merged, tuner_layers
 from cm.finetune.folders import check_fits, describe
 from cm.models.unet import NULL_LABEL
@@ -189,6 +190,11 @@ class LatentCodec:
     def encode(self, images: torch.Tensor, batch_size: int = 32) -> torch.Tensor:
         return torch.cat([(self.vae.encode(chunk).latent_dist.mode() - self.shift) * self.scale
                           for chunk in images.split(batch_size)])
+
+    def encode_stored(self, images: torch.Tensor, mirror: bool = False, chunk: int = 256) -> torch.Tensor:
+        """`encode` of stored uint8 (N, C, H, W) images (mirrored left to right if `mirror`), scaled to
+        [-1, 1] a chunk at a time: a 256 px image takes 0.8 MB as floats, a whole set many GB."""
+        return torch.cat([self.encode(scale(part.flip(3) if mirror else part)) for part in images.split(chunk)])
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor, batch_size: int = 32) -> torch.Tensor:
