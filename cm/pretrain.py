@@ -44,12 +44,12 @@ def pretrain(*, experiment: dict, out: Path, checkpoint_root: Path, history_out:
 
 def _from_diffusers_folder(experiment: dict, out: Path, history_out: Path) -> dict:
     """The folder's U-Net (and VAE) as this stage's output; the class names of the data fill the prompts."""
-    from cm.data.sources import load_source, source_summary
+    from cm.data.sources import source_class_names, source_summary
     from cm.finetune.diffusers_models import starting_model
 
     settings = experiment["finetune"]["diffusers"]
     _, (height, _, channels) = source_summary(experiment["data"])
-    names = settings["class_names"] or [name.replace("_", " ") for name in load_source(experiment["data"]).class_names]
+    names = settings["class_names"] or [name.replace("_", " ") for name in source_class_names(experiment["data"])]
     record = starting_model(settings["path"], class_names=names, prompt=settings["prompt"],
                             image_shape=(channels, height))
     files = sorted(p for p in Path(settings["path"]).rglob("*") if p.is_file())

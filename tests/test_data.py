@@ -192,6 +192,15 @@ def test_imagefolder_classes_are_sorted_folders(tmp_path):
     assert manifest["class_counts"] == [2, 1] and manifest["image_shape"] == [4, 6, 3]
 
 
+def test_class_names_without_reading_images_equal_the_loaded_sources(tmp_path):
+    from cm.data.sources import load_source, source_class_names
+
+    write_folder(tmp_path, {"ukiyo_e": [(6, 4)] * 2, "baroque": [(6, 4)] * 3})
+    for data in (digits(), digits(source="imagefolder", path=str(tmp_path), profile="two_class", ratio=2)):
+        assert source_class_names(data) == load_source(data).class_names
+    assert source_class_names(digits(source="imagefolder", path=str(tmp_path))) == ["baroque", "ukiyo_e"]
+
+
 @pytest.mark.parametrize("sizes, message", [
     ({"a": [(4, 4), (5, 4)], "b": [(4, 4)]}, r"1.png: 5x4 pixels, the first image was 4x4"),
     ({"a": [(4, 4)], "b": []}, r"b: no images"),

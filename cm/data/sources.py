@@ -209,6 +209,16 @@ def _imagenet_lt_summary(data: dict) -> tuple[np.ndarray, tuple[int, ...]]:
 SUMMARIES = {"npz": _npz_summary, "imagefolder": _imagefolder_summary, "imagenet_lt": _imagenet_lt_summary}
 
 
+def source_class_names(data: dict) -> list[str]:
+    """The class names of a source, in label order; folder and list sources without reading an image."""
+    check_settings(data)
+    if data["source"] == "imagefolder":
+        return [name for name, _ in class_folders(data)]
+    if data["source"] == "imagenet_lt":
+        return list(read_listing(data, "split_list").class_names)
+    return load_source(data).class_names
+
+
 def source_summary(data: dict) -> tuple[np.ndarray, tuple[int, ...]]:
     """(images per class, image shape) of a source without decoding its images, for checks that
     run before any job starts."""
