@@ -31,7 +31,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from cm import io
 from cm.data.images import scale, to_nchw
 from cm.data.profiles import head_to_tail
 from cm.diffusion import GaussianDiffusion
@@ -59,12 +58,18 @@ def load_trained_network(path: str | Path, weights: str = "ema") -> tuple[nn.Mod
     """The network of a trained `cm.model/1` checkpoint (cm/train.py), with its low-rank branches when it
     has some, in eval mode, and its config. `weights`: the EMA weights (what is sampled and evaluated)
     or the raw optimiser weights (`"state_dict"`)."""
+    net, state = _load_trained(path, weights)
+    return net, state["config"]
+
+
+def _load_trained(path: str | Path, weights: str = "ema") -> tuple[nn.Module, dict]:
+    """`load_trained_network`'s network and the whole checkpoint it came from (a latent model's VAE too)."""
     if weights not in CHECKPOINT_WEIGHTS:
         raise ValueError(f"weights = {weights!r} is not allowed: one of {', '.join(CHECKPOINT_WEIGHTS)}")
     state = load_checkpoint(path, "cm.model/1")
     net = build_network(state["config"])
     net.load_state_dict(state[weights])
-    return net.eval(), state["config"]
+    return net.eval(), state
 
 
 def as_model_inputs(images: np.ndarray, labels: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
@@ -488,12 +493,13 @@ def probe_model(model_path: str | Path, manifest: dict, experiment: dict) -> dic
     from cm.data import load_training_set
 
     settings = experiment["probe"]
-    net, config = load_trained_network(model_path)
+    net, state = _load_trained(model_path)
+    config, codec = state["config"], state.get("codec")  # codec: a latent model's VAE
+    del state  # its weights are in `net`: a large checkpoint is not held twice while probing
     if config["num_classes"] != manifest["num_classes"]:
         raise ValueError(f"{model_path}: the model has {config['num_classes']} classes, the training set "
                          f"{manifest['num_classes']}: not a model of this experiment")
     data = load_training_set(manifest)
-    codec = io.load_torch(model_path).get("codec") if config.get("diffusers") else None
     if codec is None:
         images, labels = as_model_inputs(data.images, data.labels)
     else:  # a latent model's losses are on the latents of the images

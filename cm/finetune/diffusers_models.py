@@ -20,7 +20,7 @@ from torch import nn
 
 from cm.data.images import scale
 from cm.finetune.adapters import merged, tuner_layers
-from cm.finetune.folders import check_fits, describe
+from cm.finetune.folders import check_fits, check_template, describe
 from cm.models.unet import NULL_LABEL
 
 UNET_CLASSES = {"UNet2DModel": UNet2DModel, "UNet2DConditionModel": UNet2DConditionModel}
@@ -85,9 +85,7 @@ def prompt_embeddings(text_encoder: nn.Module, tokenizer, class_names, template:
     class name, then of the empty prompt "" (the last row: Stable Diffusion's unconditional prompt
     for classifier-free guidance). Tokenised as Stable Diffusion pipelines do: padded to the
     tokenizer's max length (at most the encoder's positions), truncated."""
-    if "{class}" not in template:
-        raise ValueError(f"prompt template {template!r} is not allowed: it must contain {{class}}, "
-                         f"e.g. 'a painting in the style of {{class}}'")
+    check_template(template)
     names = [str(n) for n in class_names]
     if not names:
         raise ValueError("class_names is empty: one name per class is needed for the prompts")

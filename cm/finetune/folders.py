@@ -113,6 +113,11 @@ def check_fits(spec: FolderSpec, *, image_shape: tuple[int, int], num_classes: i
     if not spec.text:
         raise ValueError(f"{spec.root}: a UNet2DConditionModel needs prompts: give a pipeline folder with "
                          f"text_encoder/ and tokenizer/ (model_index.json listing them)")
-    if prompt is None or "{class}" not in prompt:
-        raise ValueError(f"prompt template {prompt!r} is not allowed: it must contain {{class}}, "
+    check_template(prompt)
+
+
+def check_template(template: str | None) -> None:
+    """ValueError unless a class-to-prompt template contains {class}."""
+    if template is None or "{class}" not in template:
+        raise ValueError(f"prompt template {template!r} is not allowed: it must contain {{class}}, "
                          f"e.g. 'a painting in the style of {{class}}'")
