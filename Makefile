@@ -2,6 +2,7 @@
 #   make run    create .venv when missing, run the pipeline (snakemake --cores all) and write
 #               its HTML report (results/report.html)
 #   make test   create .venv when missing, then run the test suite
+#   make test-fast   the inner loop: every test that runs no subprocess pipeline (pytest -m "not e2e")
 # Both are idempotent: the environment is rebuilt only when pyproject.toml changes.
 
 PYTHON ?= python3
@@ -9,7 +10,7 @@ VENV := .venv
 STAMP := $(VENV)/.installed
 export DVC_NO_ANALYTICS := 1
 
-.PHONY: run test lint clean-env
+.PHONY: run test test-fast lint clean-env
 
 $(STAMP): pyproject.toml
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
@@ -22,6 +23,9 @@ run: $(STAMP)
 
 test: $(STAMP)
 	. $(VENV)/bin/activate && python -m pytest
+
+test-fast: $(STAMP)
+	. $(VENV)/bin/activate && python -m pytest -m "not e2e"
 
 lint: $(STAMP)
 	. $(VENV)/bin/activate && snakemake --lint

@@ -309,33 +309,76 @@ def cmd_export_diffusers(args) -> None:
           f"starting pipeline's)")
 
 
-def cmd_lock_diff(args) -> None:
-    """Exit 1, one line per difference, when a reproduced dvc.lock differs from the committed one;
-    on a machine of another kind than `--made-on` names, differing outputs are reported only."""
+def _read_yaml_mapping(path: str, what: str, *, required: str | None = None) -> dict:
+    """A YAML (or JSON) file that must hold a mapping (with the key `required`): one line otherwise."""
     import yaml
 
-    from cm.lockdiff import lock_differences, machine_kind
+    file = Path(path)
+    if not file.is_file():
+        raise FileNotFoundError(f"{path}: {'is a folder, not' if file.is_dir() else 'no such'} file ({what} expected)")
+    try:
+        data = yaml.safe_load(file.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        raise io.CorruptFileError(f"{path}: not {what} ({type(err).__name__})") from None
+    if not isinstance(data, dict) or (required is not None and required not in data):
+        raise io.CorruptFileError(f"{path}: not {what} (a mapping with '{required or '...'}' expected, found "
+                                  f"{type(data).__name__})")
+    return data
 
-    locks = []
-    for path in (args.committed, args.reproduced):
-        try:
-            locks.append(yaml.safe_load(Path(path).read_text()) or {})
-        except FileNotFoundError:
-            raise FileNotFoundError(f"{path}: file not found") from None
-        except yaml.YAMLError as err:
-            raise io.CorruptFileError(f"{path}: not a dvc.lock ({type(err).__name__})") from None
-    differences = lock_differences(*locks)
+
+def cmd_lock_diff(args) -> None:
+    """Exit 1, one line per difference, when a reproduced dvc.lock differs from the committed one in
+    an input; on the lock's machine kind (`--made-on`) also in a derived entry, on another kind the
+    derived ones are reported and `--metrics` checks the default's metrics against their tolerance."""
+    from cm.lockdiff import compare_locks, machine_kind, metric_differences
+
+    committed, reproduced = (_read_yaml_mapping(path, "a dvc.lock", required="stages")
+                             for path in (args.committed, args.reproduced))
+    differences, inputs, derived = compare_locks(committed, reproduced)
     made_on = Path(args.made_on).read_text().strip() if args.made_on else None
-    other_kind = made_on is not None and made_on != machine_kind()
+    here = machine_kind()
+    other_kind = made_on is not None and made_on != here
     failing = [d for d in differences if d.kind == "input" or not other_kind]
-    for difference in differences:
-        print(difference.text, file=sys.stderr)
-    if other_kind and len(failing) < len(differences):
-        print(f"{len(differences) - len(failing)} output(s) differ, as floats may on another CPU: the lock was made "
-              f"on '{made_on}', this is '{machine_kind()}'", file=sys.stderr)
-    if failing:
-        print(f"{len(failing)} difference(s) from {args.committed}: not reproduced", file=sys.stderr)
+    metric_lines = []
+    if args.metrics:
+        expected = _read_yaml_mapping(args.metrics, "an expected-metrics file", required="metrics")
+        metric_lines = metric_differences(expected, _read_yaml_mapping(expected["source"], "a report's metrics.json"))
+    for line in [d.text for d in differences] + metric_lines:
+        print(line, file=sys.stderr)
+    differing_inputs = sum(d.kind == "input" for d in differences)
+    differing_derived = len(differences) - differing_inputs
+    print(f"inputs: {inputs} parameters and dependencies no stage produces compared, "
+          + ("all equal" if not differing_inputs else f"{differing_inputs} differ"))
+    if not other_kind:
+        print(f"derived: {derived} outputs and dependencies on them compared, "
+              + ("all the same bytes" if not differing_derived else f"{differing_derived} differ"))
+    else:
+        print(f"derived: {differing_derived} of {derived} outputs and dependencies on them differ, as floats may on "
+              f"another CPU (reported, not failed): the lock was made on '{made_on}', this is '{here}'")
+    if args.metrics:
+        print(f"metrics: {sum(len(m) for m in expected['metrics'].values())} of {expected['source']} checked "
+              f"against {args.metrics} ({expected['tolerance']})")
+    if failing or metric_lines:
+        print(f"{len(failing) + len(metric_lines)} difference(s) from {args.committed}: not reproduced",
+              file=sys.stderr)
         raise SystemExit(1)
+
+
+def cmd_expected_metrics(args) -> None:
+    """Write the metrics a reproduction of the default must reach on another CPU (lock-diff --metrics)."""
+    from cm.lockdiff import expected_metrics, machine_kind
+
+    values = _read_yaml_mapping(args.metrics, "a report's metrics.json")
+    spread = _read_yaml_mapping(args.spread, "a report's metrics.json")
+    missing = sorted(set(values) - set(spread))
+    if missing:
+        raise DataError(f"{args.spread}: no seed spread for {', '.join(missing)}; run those methods with several seeds")
+    try:
+        expected = expected_metrics(values, spread, source=args.metrics, made_on=machine_kind())
+    except ValueError as err:
+        raise DataError(f"{args.spread}: {err}") from None
+    io.write_json(args.out, expected)
+    print(f"{args.out}: {expected['tolerance']}")
 
 
 def cmd_machine(args) -> None:
@@ -449,7 +492,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--made-on", metavar="FILE",
                    help="the machine kind the committed lock was made on (python -m cm machine's line): on "
                         "another kind, differing outputs are reported but do not fail")
+    p.add_argument("--metrics", metavar="FILE",
+                   help="expected metrics (python -m cm expected-metrics): each must lie within its tolerance")
     p.set_defaults(func=cmd_lock_diff)
+    p = sub.add_parser("expected-metrics", help="write the default's metrics with tolerances from the seed spread",
+                       description="Write the metrics a reproduction must reach on any CPU (lock-diff --metrics): "
+                                   "the values of --metrics, each with a tolerance from the seed spread of --spread.")
+    p.add_argument("--metrics", required=True, help="the committed run's report metrics.json")
+    p.add_argument("--spread", required=True, help="the report metrics.json of the same experiment with several seeds")
+    p.add_argument("--out", required=True, help="the file to write (.json)")
+    p.set_defaults(func=cmd_expected_metrics)
     p = sub.add_parser("machine", help="print the machine kind that decides the bits of a CPU result",
                        description="Print architecture, CPU model, torch's SIMD level and version: dvc.lock's "
                                    "outputs are byte-identical between machines that print the same line.")
