@@ -3,6 +3,7 @@
 #               its HTML report (results/report.html)
 #   make test   create .venv when missing, then run the test suite
 #   make test-fast   the inner loop: every test that runs no subprocess pipeline (pytest -m "not e2e")
+#   make docs   the documentation site (docs/, mkdocs.yml) built strictly and offline into site/
 # Both are idempotent: the environment is rebuilt only when pyproject.toml changes.
 
 PYTHON ?= python3
@@ -10,7 +11,7 @@ VENV := .venv
 STAMP := $(VENV)/.installed
 export DVC_NO_ANALYTICS := 1
 
-.PHONY: run test test-fast lint clean-env
+.PHONY: run test test-fast docs lint clean-env
 
 $(STAMP): pyproject.toml
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
@@ -26,6 +27,10 @@ test: $(STAMP)
 
 test-fast: $(STAMP)
 	. $(VENV)/bin/activate && python -m pytest -m "not e2e"
+
+docs: $(STAMP)
+	. $(VENV)/bin/activate && python docs/gen_config_reference.py && \
+		NO_MKDOCS_2_WARNING=1 mkdocs build --strict --site-dir site
 
 lint: $(STAMP)
 	. $(VENV)/bin/activate && snakemake --lint

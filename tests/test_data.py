@@ -11,7 +11,7 @@ from tests.conftest import SHARED_CIFAR
 
 OFFICIAL_LABELS = SHARED_CIFAR.parent.parent / "cifar_labels" / "official_order.npz"
 
-# Published per-class counts (design section 4; Cao et al. 2019).
+# Published per-class counts (docs/experiments.md; Cao et al. 2019).
 CIFAR10_LT_100 = [5000, 2997, 1796, 1077, 645, 387, 232, 139, 83, 50]
 
 

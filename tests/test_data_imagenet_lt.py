@@ -247,7 +247,7 @@ def test_celebahq_route_two_class_female_head_resized(tmp_path):
     sizes = {"male": [(20, 12), (12, 20)], "female": [(30, 17)] * 5}  # unequal, non-square native sizes
     write_folders(tmp_path, sizes)
     manifest = build_manifest(folder_data(tmp_path))
-    n_max = min(len(shapes) for shapes in sizes.values())  # design section 4: the smallest class
+    n_max = min(len(shapes) for shapes in sizes.values())  # docs/experiments.md: n_max is the smallest class
     assert manifest["class_names"] == ["female", "male"]  # sorted: female is class 0, the head
     assert manifest["class_counts"] == [n_max, int(n_max / 2)]
     assert manifest["image_shape"] == [8, 8, 3]

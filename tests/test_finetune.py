@@ -202,7 +202,7 @@ def test_merged_model_equals_the_adapted_one_with_the_pretrained_layout(kind):
             raise KeyError("the switch must restore the expert even when the theta_g pass fails")
         plain, plain_g = merged(net), merged(net, drop=(EXPERT,))
         assert (h_full - h_g).abs().max() > 1e-3
-        # float64: W_f + B A folded once versus added per call; 1e-10 as the design's float64 bound
+        # float64: W_f + B A folded once versus added per call agree to 1e-10 (docs/methods.md, Merging)
         torch.testing.assert_close(plain(x, t, y), h_full, rtol=0, atol=1e-10)
         torch.testing.assert_close(plain_g(x, t, y), h_g, rtol=0, atol=1e-10)
         torch.testing.assert_close(net(x, t, y), h_full, rtol=0, atol=0)  # expert back on; merging left net alone
