@@ -1,4 +1,4 @@
-"""The Gaussian diffusion process of DDPM (design section 6): schedule, forward noising, samplers."""
+"""The Gaussian diffusion process of DDPM (Ho et al. 2020; docs/methods.md): schedule, forward noising, samplers."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Class-imbalance profiles (design section 4) and the long-tailed subset they select."""
+"""Class-imbalance profiles (docs/experiments.md, Building a long-tailed set) and the long-tailed subset they select."""
 
 from __future__ import annotations
 

@@ -165,7 +165,7 @@ def load_source(data: dict) -> LabeledImages:
 
 def load_reference(data: dict) -> LabeledImages:
     """The real set that evaluation compares with: data.reference_list's images when set (imagenet_lt:
-    a class-balanced list such as ImageNet_LT_test.txt), otherwise the full source (design section 8)."""
+    a class-balanced list such as ImageNet_LT_test.txt), otherwise the full source (docs/evaluation.md)."""
     if not data.get("reference_list"):
         return load_source(data)
     check_settings(data)

@@ -3,7 +3,7 @@
 Names (`METHOD_NAMES`): a base objective, `ddpm`, `cbdm` or `oc`; or a CM variant stacked on a
 base, `VARIANT+BASE`, where a bare `VARIANT` means `VARIANT+ddpm`:
 
-    cm             Capacity Manipulation (design section 7)
+    cm             Capacity Manipulation (docs/methods.md, cm)
     lowrank_only   reserved low-rank branches trained without L_CM (lambda = 0, one pass)
     cm_no_con      CM without the consistency term (w_con = 0)
     cm_no_div      CM without the diversity term (w_div = 0)
@@ -54,7 +54,7 @@ def _oc(diffusion, train, params, class_counts):
 
 BASES = {"ddpm": _ddpm, "cbdm": _cbdm, "oc": _oc}
 # CM variants: the CM parameters each one fixes, whatever method_params.cm says.
-# Defaults: the released-code values (design section 7); the schema's defaults must agree.
+# Defaults: the released-code values (docs/methods.md); the schema's defaults must agree.
 PARAM_DEFAULTS = {
     "ddpm": {},
     "cbdm": {"tau": 1.0, "gamma": 0.25, "label_prior": "frequency"},

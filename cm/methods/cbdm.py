@@ -2,7 +2,7 @@
 
 On conditional steps the prediction for the true label y is regularised toward the prediction
 for a label y' drawn from a label prior, with a time-dependent weight w_t = tau * t / T
-(design section 7; the paper's training objective with its regularisation and commitment terms):
+(docs/methods.md, cbdm: the training objective with its regularisation and commitment terms):
 
     L = L_DDPM + mean_i w_i ( D(h_i, sg h'_i) + gamma D(sg h_i, h'_i) ),
     h = eps(x_t, t, y),  h' = eps(x_t, t, y'),  D(a, b) = mean over pixels (a - b)^2.
@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from cm import distributed
 from cm.diffusion import GaussianDiffusion
-from cm.methods.base import LossOutput, Method, noised_batch, per_sample_sq
+from cm.methods.base import LossOutput, Method, cat_rows, noised_batch, per_sample_sq
 
 LABEL_PRIORS = ("frequency", "uniform")
 
@@ -70,7 +70,7 @@ class CBDM(Method):
         y_bal = distributed.draw(lambda m: torch.multinomial(self.prior, m, replacement=True), len(y))  # (N,)
         # One batched pass for y and y'. GroupNorm, attention and dropout act per sample, so this
         # is two passes in one; h and h' are separate slices, so each stop-gradient stays exact.
-        h, h_bal = net(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([cond, y_bal])).chunk(2)
+        h, h_bal = net(cat_rows(x_t, x_t), cat_rows(t, t), cat_rows(cond, y_bal)).chunk(2)
         l_ddpm, l_reg, l_com = self.terms(h, h_bal, eps, t)
         loss = l_ddpm + l_reg + self.gamma * l_com
         return LossOutput(loss, x_t, t, cond, h, {"loss_base": l_ddpm.detach(), "loss_cbdm_reg": l_reg.detach(),

@@ -2,7 +2,7 @@
 
 Reserved capacity: decoder 3x3 convs become W = W_g + B A (cm/lowrank.py); when fine-tuning, an
 `expert` LoRA adapter beside a `general` one on frozen weights (cm/finetune, paper section 3.3).
-theta_g is the model with the reserved capacity off, theta_g+e the full model. Per batch (design section 7):
+theta_g is the model with the reserved capacity off, theta_g+e the full model. Per batch (docs/methods.md, cm):
 
     D_i  = mean_pixels (h_full,i - h_g,i)^2
     L_CM = C * mean_i( (w_con p_{y_i} - w_div q_{y_i}) D_i ),  p_y ~ N_y,  q_y ~ 1 / N_y

@@ -10,7 +10,7 @@ from cm.methods.base import LossOutput, Method, noised_batch, per_sample_sq
 
 
 class DDPM(Method):
-    """L = mean ||eps_theta(x_t, t, y) - eps||^2 (design section 7)."""
+    """L = mean ||eps_theta(x_t, t, y) - eps||^2 (Ho et al. 2020, Eq. 14)."""
 
     name = "ddpm"
 

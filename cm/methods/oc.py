@@ -1,6 +1,6 @@
 """Oriented Calibration (OC; Zhang et al., ICLR 2024), "T2H" (tail-to-head) in its released code.
 
-The regression target is recalibrated with knowledge from more frequent classes (design section 7).
+The regression target is recalibrated with knowledge from more frequent classes (docs/methods.md, oc).
 With sigma_t^2 = 1/abar_t - 1, sample i picks a partner j from its own batch with
 
     P(j | i) ∝ exp(-||x0_i + sigma_t eps_i - x0_j||^2 / (2 sigma_t^2))      (sigma_t of sample i)
