@@ -11,7 +11,7 @@ VENV := .venv
 STAMP := $(VENV)/.installed
 export DVC_NO_ANALYTICS := 1
 
-.PHONY: run test test-fast docs lint clean-env
+.PHONY: run test test-fast docs lint clean-env device-check
 
 $(STAMP): pyproject.toml
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
@@ -37,3 +37,8 @@ lint: $(STAMP)
 
 clean-env:
 	rm -rf $(VENV)
+
+# gpu.sh --smoke as the GPU machine runs it: Python 3.12, torch 2.11 and the machine's other packages
+# in an ignored .device-venv/, no project .venv (benchmarks/device_check.sh). Not part of make test.
+device-check:
+	bash benchmarks/device_check.sh

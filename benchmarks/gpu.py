@@ -14,14 +14,28 @@ On the `ddpm_cifar` U-Net (35.7 M parameters) it measures:
   2. guided DDIM-50 images/s (guidance 1.5, batch 1000) of the merged plain U-Net in fp32, bf16
      and bf16 + compile, and the projected time of 50,000 samples;
   3. the projected wall time of the paper's budgets (200k and 300k steps) at batch 64 and 128;
-  4. 2-GPU scaling: DDP steps/s under torchrun with the same global batch, against 1 GPU
-     (skipped with fewer than 2 GPUs);
+  4. 2-GPU scaling: DDP steps/s under torchrun with the same global batch (the first of
+     --batches), bf16 + compile, against 1 GPU (skipped with fewer than 2 GPUs);
   5. host synchronisations flagged by torch.cuda.set_sync_debug_mode("warn") in Trainer.step
-     between two log reads (expected 0).
+     between two log reads (expected 0), also for cm+cbdm in the shared-encoder mode.
 
-Cheap configurations run first, compiled training last, and a time guard (--budget-s, default
-330 s) skips what would not fit, with a note, so a run ends within 6 minutes on one H100/H200; a
-watchdog prints what was measured and ends the run should one configuration overrun by far.
+Order (`training_plan`): what matters most runs first, and a time guard (--budget-s, default 330 s)
+skips what would not fit, with a note, so a run ends within 6 minutes on one H100/H200; a watchdog
+prints what was measured and ends the run should one configuration overrun by far.
+
+  a. ddpm batch 64 fp32: the baseline;
+  b. bf16 + compile at batch 64: ddpm, then cm (two new compiles of the U-Net's encode and decode,
+     forward and backward: 1-3 minutes each on a 35.7 M U-Net), then cm:shared_encoder and cm+oc,
+     which reuse cm's graphs (Dynamo's cache is kept between rows; only shapes and the network's
+     structure decide), then cbdm (new graphs for its doubled batch);
+  c. the host-synchronisation check; bf16 eager at batch 64; DDIM in fp32 and bf16; DDP;
+  d. fp32 at batch 64; batch 128 in bf16, fp32, then bf16 + compile (new shapes: new compiles);
+     DDIM with compile.
+
+A 6-minute run (330 s budget) on one H100/H200 is expected to cover a and b up to cm+oc, and some
+of c when the compiles take under 2 minutes each (an estimate: no GPU has run this yet); the
+guard records each kind's measured time and skips the rest with a note. --budget-s longer, where
+the lease allows, measures the rest.
 
 --smoke runs every part on the CPU at toy sizes (preset `tiny`, 8x8 images, batch 4, 2 timed
 steps, DDIM over 2 steps, torch.compile with Dynamo's `eager` backend, the DDP worker as 2 gloo
@@ -49,11 +63,13 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from gpu_env import cuda_problem  # this script's folder is first on sys.path
 
 from cm import accel, distributed
 from cm.data.images import scale
 from cm.data.profiles import exponential_counts
 from cm.diffusion import GaussianDiffusion
+from cm.method_names import parse_method
 from cm.methods import PARAM_DEFAULTS, build_method
 from cm.models import build_unet
 from cm.train import Trainer
@@ -72,12 +88,21 @@ PAPER_STEPS = (200_000, 300_000)
 PAPER_SAMPLES = 50_000
 DDIM_STEPS, GUIDANCE = 50, 1.5
 DDP_METHODS = ("ddpm", "cm")
+DDP_PRECISION = "bf16+compile"
+# Checked for host synchronisations besides METHODS: CBDM's batched pair under the shared encoder.
+SYNC_ONLY = {"cm+cbdm:shared_encoder": ("cm+cbdm", "shared_encoder")}
 DDP_TAG = "DDP_RESULT "
 # Until a configuration of a kind has been measured, the guard assumes these seconds for it (GPU).
-GUESS_S = {"train": 20.0, "train+compile": 90.0, "sync": 10.0, "ddim": 40.0, "ddim+compile": 90.0, "ddp": 90.0}
+# train+compile: a row that compiles new graphs (1-3 min on a 35.7 M U-Net); train+compiled: one that
+# reuses graphs an earlier row compiled; ddp: two ranks compiling at once, then timing.
+GUESS_S = {"train": 20.0, "train+compile": 150.0, "train+compiled": 30.0, "sync": 10.0, "ddim": 40.0,
+           "ddim+compile": 150.0, "ddp": 240.0}
 SMOKE_GUESS_S = dict.fromkeys(GUESS_S, 5.0)
 # A step already running when the budget ends may overrun it; past this the watchdog ends the run.
-WATCHDOG_GRACE_S = 15.0
+WATCHDOG_GRACE_S = 20.0
+# Dynamo's cache is kept across rows (graphs are reused); each encode/decode variant (batch shape,
+# labels or none, branches on or off, grad mode) is one entry, more than the default limit of 8.
+RECOMPILE_LIMIT = 64
 # Inductor's C++ build of the U-Net takes minutes on 2 CPU cores; the smoke run compiles with Dynamo
 # alone (graph capture, guards, recompiles), which exercises the same code path in seconds.
 SMOKE_COMPILE_BACKEND = "eager"
@@ -130,6 +155,7 @@ class Report:
     ddp_note: str = ""
     sync: list[dict] = field(default_factory=list)
     failures: list[str] = field(default_factory=list)
+    compiled: set = field(default_factory=set)  # graphs compiled so far (see `compiled_graphs`)
 
 
 class Budget:
@@ -179,9 +205,8 @@ def peak_memory(device: torch.device) -> int | None:
 
 def release_memory(device: torch.device) -> None:
     """Free the last configuration's tensors, so that they do not count in the next one's peak.
-    Dynamo's cache goes too: its guards hold the last compiled network, and entries of earlier
-    networks would count against its recompile limit (the same encode/decode code every time)."""
-    torch._dynamo.reset()
+    Dynamo's cache stays: a later network of the same structure and shapes reuses its graphs (its
+    guards do not keep an earlier network alive)."""
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -223,7 +248,7 @@ def method_params(passes: str) -> dict:
 
 def build_trainer(label: str, precision_label: str, sizes: Sizes, device: torch.device):
     """The real loop's Trainer for a table row: method, U-Net (with CM's branches), precision."""
-    name, passes = METHODS[label]
+    name, passes = {**METHODS, **SYNC_ONLY}[label]
     precision, compiled = PRECISIONS[precision_label]
     accel.configure_backends(precision, device)
     diffusion = GaussianDiffusion(timesteps=1000, beta_start=1e-4, beta_end=0.02)
@@ -288,17 +313,45 @@ def measure_training(row: TrainRow, sizes: Sizes) -> None:
     row.compile_s = first_s if PRECISIONS[row.precision][1] else None
 
 
-def run_training(report: Report, budget: Budget, precisions: list[str]) -> None:
+COMPILED = "bf16+compile"
+
+
+Rows = list[tuple[str, int, str]]
+
+
+def training_plan(batches: tuple[int, ...]) -> tuple[Rows, Rows, Rows]:
+    """The training rows (method, batch, precision) in the order they run, in three groups: before
+    the sync check, between it and sampling, and after DDP (the module docstring's a-b, c and d)."""
+    first, larger = batches[0], batches[1:]
+    before = [("ddpm", first, "fp32"),
+              *((label, first, COMPILED) for label in ("ddpm", "cm", "cm:shared_encoder", "cm+oc", "cbdm"))]
+    middle = [(label, first, "bf16") for label in METHODS]
+    after = [*((label, first, "fp32") for label in METHODS if label != "ddpm"),
+             *((label, batch, precision) for batch in larger for precision in ("bf16", "fp32", COMPILED)
+               for label in METHODS)]
+    return before, middle, after
+
+
+def compiled_graphs(label: str, batch: int) -> set[tuple[str, int]]:
+    """What a compiled row's graphs depend on: the network's structure (CM's methods add decoder
+    branches) and the batch shapes of its steps (CBDM's conditional steps double the batch)."""
+    name, _ = METHODS[label]
+    structure = "plain" if parse_method(name).variant is None else "branched"
+    return {(structure, batch), (structure, 2 * batch)} if name == "cbdm" else {(structure, batch)}
+
+
+def run_training(report: Report, budget: Budget, rows: list[tuple[str, int, str]]) -> None:
     sizes = report.sizes
-    for precision in precisions:
-        kind = "train+compile" if PRECISIONS[precision][1] else "train"
-        for batch in sizes.batches:
-            for label in METHODS:
-                row = TrainRow(label, batch, precision)
-                report.train.append(row)
-                row.note = run_guarded(report, budget, kind, f"train {label} batch {batch} {precision}",
-                                       lambda row=row: measure_training(row, sizes),
-                                       lambda row=row: f"{row.steps_per_s:.2f} steps/s")
+    for label, batch, precision in rows:
+        graphs = compiled_graphs(label, batch) if PRECISIONS[precision][1] else set()
+        kind = "train" if not graphs else "train+compiled" if graphs <= report.compiled else "train+compile"
+        row = TrainRow(label, batch, precision)
+        report.train.append(row)
+        row.note = run_guarded(report, budget, kind, f"train {label} batch {batch} {precision}",
+                               lambda row=row: measure_training(row, sizes),
+                               lambda row=row: f"{row.steps_per_s:.2f} steps/s")
+        if row.steps_per_s:
+            report.compiled |= graphs
 
 
 def run_guarded(report: Report, budget: Budget, kind: str, what: str, measure, result) -> str:
@@ -422,7 +475,7 @@ def count_host_syncs(label: str, sizes: Sizes) -> dict:
 
 def run_sync_check(report: Report, budget: Budget) -> None:
     sizes = report.sizes
-    for label in METHODS:
+    for label in (*METHODS, *SYNC_ONLY):
         row = {"method": label, "batch": sizes.batches[0], "steps": sizes.sync_steps, "flagged": None,
                "error_mode": None, "note": ""}
         report.sync.append(row)
@@ -467,7 +520,7 @@ def run_ddp(report: Report, budget: Budget, argv: list[str]) -> None:
         report.ddp_note = f"skipped: {torch.cuda.device_count()} GPU(s) visible, 2 needed"
         progress(budget, f"2-GPU scaling: {report.ddp_note}")
         return
-    batch, precision = max(sizes.batches), "bf16"
+    batch, precision = sizes.batches[0], DDP_PRECISION
     measured: dict = {}
     report.ddp_note = run_guarded(
         report, budget, "ddp", f"2-process DDP batch {batch} {precision}",
@@ -476,12 +529,13 @@ def run_ddp(report: Report, budget: Budget, argv: list[str]) -> None:
     for label in DDP_METHODS:
         single = next((r.steps_per_s for r in report.train
                        if (r.method, r.batch, r.precision) == (label, batch, precision)), None)
-        report.ddp.append({"method": label, "batch": batch, "precision": precision, "one": single,
+        report.ddp.append({"method": label, "batch": batch, "precision": PRECISIONS[precision][0], "one": single,
                            "two": measured.get(label)})
 
 
 def ddp_worker(args) -> None:
     """One torchrun rank: DDP steps of each DDP method on this rank's rows of the global batch."""
+    torch._dynamo.config.recompile_limit = RECOMPILE_LIMIT
     sizes = make_sizes(args)
     device = distributed.init(sizes.device.type)
     sizes = dataclasses.replace(sizes, device=device)
@@ -567,7 +621,8 @@ def print_header(sizes: Sizes, budget_s: float) -> None:
           "(cm.accel); Adam fused on CUDA")
     print(f"compile   torch.compile backend {compiler}; compile time = the first two steps, not in steps/s"
           + (" (Dynamo only: Inductor's C++ build takes minutes on 2 cores)" if sizes.smoke else ""))
-    print(f"budget    {budget_s:.0f} s, cheap parts first; what would not fit is skipped with a note", flush=True)
+    print(f"budget    {budget_s:.0f} s: fp32 baseline, compiled batch-{sizes.batches[0]} rows, sync check, then the "
+          "rest (gpu.py's docstring); what would not fit is skipped with a note", flush=True)
 
 
 def training_section(report: Report) -> str:
@@ -612,9 +667,8 @@ def projection_section(report: Report) -> str:
 
 
 def ddp_section(report: Report) -> str:
-    title = "== 4. 2-GPU scaling: DDP under torchrun, same global batch =="
-    if report.sizes.smoke:
-        title = "== 4. 2-GPU scaling: DDP under torchrun, same global batch (smoke: 2 CPU processes, gloo) =="
+    title = f"== 4. 2-GPU scaling: DDP under torchrun, same global batch, {DDP_PRECISION}"
+    title += " (smoke: 2 CPU processes, gloo) ==" if report.sizes.smoke else " =="
     if not report.ddp:
         return f"{title}\n{report.ddp_note or 'not run'}"
     body = [[r["method"], r["batch"], r["precision"], fmt(r["one"]), fmt(r["two"]),
@@ -712,7 +766,7 @@ def parse_args(argv: list[str] | None = None):
                         help=f"DDIM steps timed, scaled to {DDIM_STEPS} (each step costs the same)")
     parser.add_argument("--worker-ddp", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--ddp-batch", type=int, default=128, help=argparse.SUPPRESS)
-    parser.add_argument("--ddp-precision", default="bf16", help=argparse.SUPPRESS)
+    parser.add_argument("--ddp-precision", default=DDP_PRECISION, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
 
@@ -727,22 +781,26 @@ def main(argv: list[str] | None = None) -> int:
     if args.worker_ddp:
         ddp_worker(args)
         return 0
-    if not args.smoke and not torch.cuda.is_available():
-        print("no CUDA device visible: run on a GPU, or `bash benchmarks/gpu.sh --smoke` for the CPU check",
-              file=sys.stderr)
+    problem = None if args.smoke else cuda_problem()
+    if problem:
+        print(f"{problem}\nRun on a GPU, or `bash benchmarks/gpu.sh --smoke` for the CPU check.", file=sys.stderr)
         return 2
     sizes = make_sizes(args)
+    torch._dynamo.config.recompile_limit = RECOMPILE_LIMIT
     if sizes.smoke:  # toy sizes gain nothing from threads; on a shared machine a second one only waits
         torch.set_num_threads(1)
     report, budget = Report(sizes), Budget(args.budget_s, SMOKE_GUESS_S if sizes.smoke else GUESS_S)
     start_watchdog(report, budget)
     print_header(sizes, args.budget_s)
     torch.manual_seed(0)
-    run_training(report, budget, ["fp32", "bf16"])
+    before, middle, after = training_plan(sizes.batches)  # the order of the module docstring's a-d
+    run_training(report, budget, before)
     run_sync_check(report, budget)
-    run_sampling(report, budget, list(PRECISIONS))
+    run_training(report, budget, middle)
+    run_sampling(report, budget, ["fp32", "bf16"])
     run_ddp(report, budget, worker_argv(args))
-    run_training(report, budget, ["bf16+compile"])  # last: the longest, and the first to give way
+    run_training(report, budget, after)
+    run_sampling(report, budget, [COMPILED])
     print_report(report, budget)
     return 1 if report.failures else 0
 

@@ -68,8 +68,11 @@ def prepare_network(net: nn.Module, *, channels_last: bool, compile: bool) -> nn
     return net
 
 
-def to_layout(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
-    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+def to_layout(x: torch.Tensor, channels_last: bool, *, contiguous: bool = False) -> torch.Tensor:
+    """x in channels_last memory when asked; otherwise as it is, or NCHW-contiguous with `contiguous`."""
+    if channels_last:
+        return x.contiguous(memory_format=torch.channels_last)
+    return x.contiguous() if contiguous else x
 
 
 def make_adam(params, *, lr: float, kernel: str, device: torch.device) -> torch.optim.Adam:

@@ -20,6 +20,8 @@ from collections.abc import Callable
 import torch
 import torch.distributed as dist
 
+from cm.errors import ConfigError
+
 
 def world_size() -> int:
     return dist.get_world_size() if dist.is_initialized() else 1
@@ -46,7 +48,11 @@ def init(device: str) -> torch.device:
     if not under_torchrun() or dist.is_initialized():
         return dev
     if dev.type == "cuda":
-        dev = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        local, visible = int(os.environ["LOCAL_RANK"]), torch.cuda.device_count()
+        if local >= visible:  # else set_device fails with "invalid device ordinal"
+            raise ConfigError(f"torchrun started local rank {local}, but {visible} GPU(s) are visible"
+                              f"{_visible_devices()}: --nproc_per_node must be at most {visible}")
+        dev = torch.device("cuda", local)
         torch.cuda.set_device(dev)
     dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", device_id=dev if dev.type == "cuda" else None)
     return dev
@@ -93,11 +99,30 @@ def mean_over_ranks(x: torch.Tensor) -> torch.Tensor:
     return x / world_size()
 
 
-def relaunch_under_torchrun(processes: int) -> None:
+def _visible_devices() -> str:
+    mask = os.environ.get("CUDA_VISIBLE_DEVICES")
+    return "" if mask is None else f" (CUDA_VISIBLE_DEVICES={mask!r})"
+
+
+def check_visible_gpus(processes: int, device: str = "auto") -> None:
+    """ConfigError in one line when `processes` training processes are to run on CUDA (device cuda,
+    or auto with CUDA available) and fewer GPUs are visible; on the CPU they are gloo processes."""
+    if processes <= 1 or device not in ("auto", "cuda") or (device == "auto" and not torch.cuda.is_available()):
+        return
+    visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if processes > visible:
+        raise ConfigError(f"resources.train.gpu = {processes} is not allowed here: {visible} GPU(s) are visible"
+                          f"{_visible_devices()}; set it to at most {max(visible, 1)}, or run where {processes} "
+                          f"GPUs are visible")
+
+
+def relaunch_under_torchrun(processes: int, device: str = "auto") -> None:
     """Replace this process by torchrun running the same command in `processes` processes on this
-    node (`--standalone`: a free local rendezvous); returns only when already under torchrun."""
+    node (`--standalone`: a free local rendezvous); returns only when already under torchrun.
+    Asking for more GPU processes than GPUs visible stops here, before torchrun starts."""
     if processes <= 1 or under_torchrun():
         return
+    check_visible_gpus(processes, device)
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
                "-m", "cm", *sys.argv[1:]]
     sys.stdout.flush()

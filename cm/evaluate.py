@@ -16,6 +16,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from cm import io
 from cm.data import load_reference
@@ -85,7 +86,10 @@ def features(experiment: dict, classifier, images: np.ndarray,
 
     # Never falls back silently; refuses a file whose sha256 is not the mode's published one.
     extractor = load_inception(cfg["inception_weights"], device=device, mode=cfg["fid_mode"])
-    feats, logits = inception_features(extractor, images, device=device, logits=True)
+    # The resize runs on the stage's CPU threads (resources.evaluate.threads, which cm/cli.py gives
+    # torch); each image is resized alone, so the count changes no number.
+    feats, logits = inception_features(extractor, images, device=device, logits=True,
+                                       num_workers=torch.get_num_threads())
     info.update(fid_mode=extractor.fid_mode, inception_weights=Path(extractor.weights_file).name,
                 inception_weights_sha256=extractor.weights_sha256)
     return feats, pred, logits, info

@@ -168,7 +168,10 @@ class Trainer:
     def __init__(self, net: nn.Module, method, cfg: dict, device: torch.device):
         self.cfg, self.device = cfg, device
         self.net = net.to(device).train()
-        self.ema = copy.deepcopy(net).eval().requires_grad_(False)  # before compiling: a plain copy
+        # The EMA copy after the layout change (its tensors have the weights' strides, as the fused
+        # _foreach kernels need) and before compiling (a plain module, not compiled wrappers).
+        accel.prepare_network(net, channels_last=cfg["channels_last"], compile=False)
+        self.ema = copy.deepcopy(net).eval().requires_grad_(False)
         accel.prepare_network(net, channels_last=cfg["channels_last"], compile=cfg["compile"])
         objective = Objective(net, method, cfg["precision"])
         # Unused parameters exist on some steps (the class embedding when the batch's labels are
@@ -179,6 +182,9 @@ class Trainer:
         trains = [p.requires_grad for p in net.parameters()]
         self.params = [p for p, t in zip(net.parameters(), trains) if t]
         self.ema_params = [p for p, t in zip(self.ema.parameters(), trains) if t]
+        mismatch = foreach_mismatch(self.ema_params, self.params)
+        if mismatch:  # still correct, but one kernel launch per tensor and step
+            log.warning("the EMA update misses the fused multi-tensor kernels: %s", mismatch)
         self.optimizer = accel.make_adam(self.params, lr=cfg["lr"], kernel=cfg["adam"], device=device)
         self.on_device = accel.skips_on_device(self.optimizer)
         self.loss_check = not self.on_device and distributed.world_size() == 1
@@ -202,17 +208,12 @@ class Trainer:
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg["grad_clip"])
         bad = ~torch.isfinite(grad_norm)
         self._count_bad(bad, loss)
-        ema_weight = 1.0 - self.cfg["ema_decay"]
         if self.on_device:
             self.optimizer.found_inf = bad.float()  # fused Adam skips the update (GradScaler's protocol)
-            # and the EMA lerps by 0. One device weight per tensor: lerp's scalar form would read a
-            # tensor weight on the host.
-            ema_weight = [ema_weight * (~bad)] * len(self.ema_params)
         elif not self.loss_check and bad:           # under torchrun without fused Adam: a host read
             return
         self.optimizer.step()
-        with torch.no_grad():  # EMA of the weights, updated every step
-            torch._foreach_lerp_(self.ema_params, self.params, ema_weight)
+        ema_update(self.ema_params, self.params, 1.0 - self.cfg["ema_decay"], bad if self.on_device else None)
         good = (~bad).double()
         for key, value in {"loss": loss, "grad_norm": grad_norm, **stats}.items():
             value = torch.where(bad, 0.0, value.detach().double())  # a skipped step adds nothing
@@ -246,6 +247,40 @@ class Trainer:
         return means, int(nonfinite)
 
 
+@torch.no_grad()
+def ema_update(ema: list[torch.Tensor], params: list[torch.Tensor], weight: float,
+               skip: torch.Tensor | None = None) -> None:
+    """ema <- ema + weight (params - ema), in multi-tensor kernels over the whole list.
+
+    weight is a Python float: the fused _foreach kernels take one host scalar for every tensor
+    (a list of 0-dim tensor weights fails their same-shape condition and runs one lerp per tensor).
+    skip: a 0-dim device bool (the step was not finite) that makes the update a no-op without a host
+    read; the weight then is a device tensor, applied by _foreach_mul_'s one-tensor form.
+    """
+    if skip is None:
+        torch._foreach_lerp_(ema, params, weight)
+        return
+    delta = torch._foreach_sub(params, ema)
+    torch._foreach_mul_(delta, torch.where(skip, 0.0, weight).to(ema[0].dtype))
+    torch._foreach_add_(ema, delta)
+
+
+def foreach_mismatch(a: list[torch.Tensor], b: list[torch.Tensor]) -> str:
+    """Why two tensor lists would miss the fused _foreach kernels' fast path (the same device,
+    dtype and strides pairwise, dense tensors, one device and dtype per list), or "" when they meet it."""
+    if len(a) != len(b):
+        return f"{len(a)} tensors against {len(b)}"
+    kinds = {(x.device, x.dtype) for x in (*a, *b)}
+    if len(kinds) > 1:
+        return f"more than one device/dtype: {sorted(map(str, kinds))}"
+    for i, (x, y) in enumerate(zip(a, b)):
+        if x.shape != y.shape or x.stride() != y.stride():
+            return f"tensor {i}: shape {tuple(x.shape)} strides {x.stride()} against {tuple(y.shape)} {y.stride()}"
+        if not (x.is_contiguous() or (x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last))):
+            return f"tensor {i}: not dense (strides {x.stride()})"
+    return ""
+
+
 def train(*, manifest: dict, experiment: dict, method_name: str, method_params: dict, seed: int,
           out: Path, checkpoint_root: Path, history_out: Path, device: str = "auto",
           progress: bool = True, pretrained: Path | None = None) -> dict:
@@ -276,7 +311,9 @@ def train(*, manifest: dict, experiment: dict, method_name: str, method_params: 
 
     torch.manual_seed(seed)
     data = load_training_set(manifest)
-    x_all = to_nchw(data.images).to(dev)  # kept as uint8; each batch is scaled to [-1, 1]
+    # Kept as uint8 (each batch is scaled to [-1, 1]) and dense in the layout the network runs in, so
+    # that a batch gathered from it is too (to_nchw's permuted view would give NHWC-strided batches).
+    x_all = accel.to_layout(to_nchw(data.images), cfg["channels_last"], contiguous=True).to(dev)
     y_all = torch.as_tensor(data.labels).to(dev)
     diffusion = GaussianDiffusion(**experiment["diffusion"])
     method = build_method(method_name, diffusion=diffusion, train=cfg, all_params=method_params,

@@ -145,3 +145,45 @@ def test_inception_score_matches_formula():
         inception_score(logits, splits=3)
     with pytest.raises(ValueError, match="splits"):
         inception_score(p, splits=61)
+
+
+class FlagRecorder(StandIn):
+    """Records the TF32 flags in force while the network runs."""
+
+    def forward(self, x):
+        self.flags = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+        return super().forward(x)
+
+
+def test_the_network_runs_in_float32_with_tf32_off_and_the_flags_come_back(images):
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    # On, as training with precision bf16 or tf32 leaves them on CUDA (cm.accel.configure_backends).
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        net = FlagRecorder()
+        inception_features(net, images, batch_size=4)
+        assert net.flags == (False, False)
+        assert torch.backends.cudnn.allow_tf32 and torch.backends.cuda.matmul.allow_tf32
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+def test_evaluation_resizes_on_the_stages_threads(images, monkeypatch):
+    """cm/cli.py gives torch resources.evaluate.threads; the resize pool takes that many."""
+    from cm import evaluate
+
+    calls = {}
+
+    def features(extractor, imgs, **kwargs):
+        calls.update(kwargs)
+        return np.zeros((len(imgs), 48)), np.zeros((len(imgs), 10))
+
+    net = StandIn()
+    net.fid_mode, net.weights_file, net.weights_sha256 = "clean", "/x/inception-2015-12-05.pt", "0" * 64
+    monkeypatch.setattr(inception, "inception_features", features)
+    monkeypatch.setattr(inception, "load_inception", lambda *a, **k: net)
+    monkeypatch.setattr(evaluate, "extract", lambda classifier, imgs, device: (None, np.zeros(len(imgs), int)))
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 3)
+    experiment = {"evaluate": {"feature_extractor": "inception", "inception_weights": None, "fid_mode": "clean"}}
+    evaluate.features(experiment, None, images, "cpu")
+    assert calls["num_workers"] == 3

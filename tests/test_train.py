@@ -10,7 +10,7 @@ import torch
 from cm import config as cfg
 from cm import io
 from cm.data import build_manifest
-from cm.train import EpochSampler, fingerprint, train
+from cm.train import EpochSampler, ema_update, fingerprint, foreach_mismatch, train
 from tests.conftest import ROOT, tiny_budgets
 
 
@@ -112,3 +112,149 @@ def test_a_shortened_run_resumes_from_a_checkpoint_within_its_steps(tmp_path, se
     _, direct = run(tmp_path / "direct", setup, "ddpm", steps=8)
     assert summary["resumed_from"] == 8 and short["step"] == 8
     assert_same_weights(short, direct)
+
+
+# --------------------------------------------------------------------------- EMA and memory layout
+
+def _tensors(seed, shapes=((4, 3, 3, 3), (4,), (7, 5)), channels_last=False):
+    gen = torch.Generator().manual_seed(seed)
+    out = [torch.randn(shape, generator=gen) for shape in shapes]
+    return [t.contiguous(memory_format=torch.channels_last) if channels_last and t.dim() == 4 else t for t in out]
+
+
+def test_the_ema_update_is_the_reference_ema_in_one_multi_tensor_call():
+    """ema <- ema + w (p - ema). The host-weight form is torch.lerp itself, bit for bit (lerp rounds
+    once, a fused multiply-add: within one float32 ulp of the formula evaluated exactly); the
+    device-gated form is the formula's three float32 operations, bit for bit, and a no-op when skipped."""
+    weight = 1.0 - 0.9999
+    ema, params = _tensors(0), _tensors(1)
+    lerped = [e.clone() for e in ema]
+    ema_update(lerped, params, weight)
+    for new, e, p in zip(lerped, ema, params):
+        assert torch.equal(new, torch.lerp(e, p, weight))
+        exact = e.double() + weight * (p.double() - e.double())
+        ulp = torch.finfo(torch.float32).eps * exact.abs().clamp_min(torch.finfo(torch.float32).tiny)
+        assert ((new.double() - exact).abs() <= ulp).all()
+    gated = [e.clone() for e in ema]
+    ema_update(gated, params, weight, skip=torch.tensor(False))
+    for new, e, p in zip(gated, ema, params):
+        assert torch.equal(new, e + torch.tensor(weight, dtype=torch.float32) * (p - e))
+    skipped = [e.clone() for e in ema]
+    ema_update(skipped, params, weight, skip=torch.tensor(True))
+    assert all(torch.equal(new, e) for new, e in zip(skipped, ema))
+
+
+def test_foreach_mismatch_names_what_misses_the_fused_path():
+    a = _tensors(0)
+    assert foreach_mismatch(a, _tensors(1)) == ""
+    assert "strides" in foreach_mismatch(_tensors(0, channels_last=True), a)   # the EMA copied before the layout change
+    assert "device/dtype" in foreach_mismatch(a, [t.double() for t in a])
+    assert "not dense" in foreach_mismatch([a[0].transpose(0, 1)], [a[0].transpose(0, 1)])
+
+
+def _trainer(channels_last: bool, adam: str = "auto"):
+    from cm.diffusion import GaussianDiffusion
+    from cm.methods import build_method
+    from cm.models import build_unet
+    from cm.train import Trainer
+
+    torch.manual_seed(0)
+    cfg_ = {"lr": 1e-3, "grad_clip": 1.0, "ema_decay": 0.9, "label_drop": 0.0, "precision": "fp32",
+            "channels_last": channels_last, "compile": False, "adam": adam}
+    method = build_method("cm", diffusion=GaussianDiffusion(timesteps=100), train=cfg_, all_params={},
+                          class_counts=[4, 2, 1])
+    net = build_unet("small", num_classes=3, in_channels=3, image_size=8)
+    method.prepare(net)
+    return Trainer(net, method, cfg_, torch.device("cpu"))
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("adam", ["auto", "fused"])  # the host-weight and the device-gated EMA
+def test_the_trainer_meets_the_fused_paths_preconditions_and_updates_the_ema_by_the_formula(channels_last, adam,
+                                                                                           monkeypatch):
+    from cm import train as train_module
+
+    trainer = _trainer(channels_last, adam)
+    weights, inside = [], []  # the weight of each multi-tensor call of the EMA update
+    for name in ("_foreach_lerp_", "_foreach_mul_"):
+        original = getattr(torch, name)
+
+        def spy(*args, _original=original):
+            if inside:
+                weights.append(args[-1])
+            return _original(*args)
+
+        monkeypatch.setattr(torch, name, spy)
+    update = train_module.ema_update
+
+    def watched(*args, **kwargs):
+        inside.append(True)
+        try:
+            return update(*args, **kwargs)
+        finally:
+            inside.pop()
+
+    monkeypatch.setattr(train_module, "ema_update", watched)
+    assert trainer.on_device == (adam == "fused")
+    assert foreach_mismatch(trainer.ema_params, trainer.params) == ""
+    convs = [p for p in trainer.params if p.dim() == 4]
+    assert all(p.is_contiguous(memory_format=torch.channels_last) == channels_last or p.shape[2:] == (1, 1)
+               for p in convs)
+    before = [e.clone() for e in trainer.ema_params]
+    x0, y = torch.rand(6, 3, 8, 8) * 2 - 1, torch.tensor([0, 0, 1, 2, 0, 1])
+    trainer.step(x0, y, 1e-3)
+    # One host float (lerp), or one 0-dim device tensor (mul): never a list of per-tensor weights.
+    assert len(weights) == 1
+    if adam == "auto":
+        assert isinstance(weights[0], float)
+    else:
+        assert weights[0].dim() == 0 and weights[0].dtype == torch.float32
+    w = 1.0 - trainer.cfg["ema_decay"]
+    for new, e, p in zip(trainer.ema_params, before, trainer.params):
+        expected = torch.lerp(e, p, w) if adam == "auto" else e + torch.tensor(w, dtype=e.dtype) * (p - e)
+        assert torch.equal(new, expected)
+        assert new.stride() == p.stride()
+
+
+@pytest.fixture(scope="module")
+def colour_setup(tmp_path_factory):
+    """digits_lt's settings on a 3-channel .npz: on one channel NCHW and NHWC strides coincide."""
+    import numpy as np
+
+    path = tmp_path_factory.mktemp("colour") / "train.npz"
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(3), [20, 12, 8])
+    np.savez(path, images=rng.integers(0, 256, size=(len(labels), 8, 8, 3), dtype=np.uint8), labels=labels)
+    params = tiny_budgets(cfg.load_params(ROOT / "params.yaml"))
+    experiment = params["experiments"]["digits_lt"]
+    experiment["data"].update(source="npz", path=str(path), imbalance_ratio=2, hflip=True)
+    experiment["train"].update(steps=3, checkpoint_every=100, log_every=3, batch_size=8)
+    return params, experiment, build_manifest(experiment["data"])
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_training_batches_are_dense_in_the_layout_asked_for(tmp_path, colour_setup, monkeypatch, channels_last):
+    from cm import train as train_module
+
+    params, experiment, manifest = colour_setup
+    experiment = copy.deepcopy(experiment)
+    experiment["train"]["channels_last"] = channels_last
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    seen = []
+    original = train_module.Objective.forward
+
+    def recording(self, x0, y):
+        head = self.net.head.register_forward_pre_hook(lambda m, args: seen.append(("x_t", args[0])))
+        try:
+            seen.append(("x0", x0))
+            return original(self, x0, y)
+        finally:
+            head.remove()
+
+    monkeypatch.setattr(train_module.Objective, "forward", recording)
+    train(manifest=manifest, experiment=experiment, method_name="cm", method_params=params["method_params"],
+          seed=0, out=tmp_path / "model.pt", checkpoint_root=tmp_path / "ckpt", history_out=tmp_path / "h.csv",
+          device="cpu", progress=False)
+    assert {name for name, _ in seen} == {"x0", "x_t"}
+    for name, x in seen:
+        assert x.shape[1] == 3 and x.is_contiguous(memory_format=layout), (name, x.stride())

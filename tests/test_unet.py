@@ -136,3 +136,67 @@ def test_a_preset_with_another_width_scales_every_level_and_keeps_group_norm_val
     assert out.shape == (2, 1, 8, 8) and torch.isfinite(out).all()
     with pytest.raises(ValueError, match="model.depth is not allowed"):
         build_unet({"preset": "small", "ch": 8, "depth": 2}, num_classes=10, in_channels=1, image_size=8)
+
+
+# --------------------------------------------------------------------------- attention
+
+def _attention_inputs(monkeypatch):
+    """Wraps scaled_dot_product_attention and records the (query, key, value) each call receives."""
+    seen = []
+    original = torch.nn.functional.scaled_dot_product_attention
+
+    def recording(q, k, v, *args, **kwargs):
+        seen.append((q, k, v))
+        return original(q, k, v, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", recording)
+    return seen
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_attention_gives_sdpa_the_inputs_its_fused_kernels_take(monkeypatch, channels_last):
+    """Flash, memory-efficient and cuDNN attention take 4-D (batch, heads, tokens, dim) inputs with a
+    contiguous last dimension; 3-D or strided inputs fall back to the math kernel on CUDA."""
+    seen = _attention_inputs(monkeypatch)
+    net = build_unet("small", num_classes=3, in_channels=1, image_size=8)
+    if channels_last:
+        net = net.to(memory_format=torch.channels_last)
+    x = torch.randn(5, 1, 8, 8)
+    net(x, torch.arange(5), torch.tensor([0, 1, 2, 0, 1]))
+    assert len(seen) == sum(type(m).__name__ == "AttnBlock" for m in net.modules()) > 0
+    for q, k, v in seen:
+        for a in (q, k, v):
+            assert a.dim() == 4 and a.shape[:2] == (5, 1) and a.stride(-1) == 1, (a.shape, a.stride())
+            assert a.dtype == q.dtype and a.device == q.device and a.shape == q.shape
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_attention_equals_the_math_kernel_and_the_formula(channels_last):
+    """The block against SDPA's math kernel in float32 (torch.testing's float32 tolerances, rtol 1.3e-6
+    and atol 1e-5: the rounding of another summation order) and against
+    softmax(q k^T / sqrt(C)) v written out in float64 (1e-12)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from cm.models.unet import AttnBlock
+
+    torch.manual_seed(0)
+    block = AttnBlock(64)
+    for m in block.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.normal_(m.weight, std=0.2)
+            nn.init.normal_(m.bias, std=0.1)
+    x = torch.randn(3, 64, 4, 4)
+    if channels_last:
+        block, x = block.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
+    out = block(x)
+    with sdpa_kernel([SDPBackend.MATH]):
+        math = block(x)
+    torch.testing.assert_close(out, math, rtol=1.3e-6, atol=1e-5)
+    assert out.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+
+    b64, x64 = block.double(), x.double()
+    hn = b64.norm(x64)
+    q, k, v = (m(hn).flatten(2).transpose(1, 2) for m in (b64.q, b64.k, b64.v))  # (N, HW, C)
+    attn = torch.softmax(q @ k.transpose(1, 2) / 64 ** 0.5, dim=-1)
+    reference = x64 + b64.proj((attn @ v).transpose(1, 2).reshape(x64.shape))
+    torch.testing.assert_close(b64(x64), reference, rtol=1e-12, atol=1e-12)

@@ -41,6 +41,19 @@ class Method:
         raise NotImplementedError
 
 
+def cat_rows(first: torch.Tensor, *rest: torch.Tensor) -> torch.Tensor:
+    """torch.cat along the batch that remembers its leading part (`leading_part`), so a wrapper of
+    the network (CM's shared encoder) knows which rows are `first` from structure, not values."""
+    out = torch.cat([first, *rest])
+    out._cm_leading = first
+    return out
+
+
+def leading_part(x: torch.Tensor) -> torch.Tensor | None:
+    """The tensor that `cat_rows` put first in x, or None."""
+    return getattr(x, "_cm_leading", None)
+
+
 def per_sample_sq(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """mean over pixels of (a - b)^2: (N, C, H, W) x 2 -> (N,)."""
     return (a - b).pow(2).flatten(1).mean(1)

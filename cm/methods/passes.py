@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from cm.lowrank import branches_disabled
-from cm.methods.base import LossOutput, Method
+from cm.methods.base import LossOutput, Method, leading_part
 
 PASSES = ("two", "shared_encoder")
 
@@ -30,10 +30,11 @@ def check_passes(passes: str) -> str:
 
 
 def _leads_with(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
-    """Whether b is a itself or its first len(b) rows, or both are None."""
+    """Whether b is a itself or the leading part `cat_rows` batched into a, or both are None. Decided
+    from identity alone: comparing values would wait for the device (a host sync every step)."""
     if a is None or b is None:
         return a is b
-    return a is b or (len(a) >= len(b) and torch.equal(a[:len(b)], b))
+    return a is b or leading_part(a) is b
 
 
 class SharedEncoder:
@@ -60,7 +61,8 @@ class SharedEncoder:
 
     def _encoding_of(self, x_t, t, cond):
         """The encoding of (x_t, t, cond): the leading rows of the latest call. A base may batch
-        more inputs behind them (CBDM appends the y' copies); every U-Net layer acts per sample."""
+        more inputs behind them with `cat_rows` (CBDM appends the y' copies); every U-Net layer acts per
+        sample."""
         if self.last is None:
             raise RuntimeError("cm: the base objective never called the network")
         x, t_all, y, enc = self.last

@@ -23,6 +23,11 @@ file (params key ``evaluate.inception_weights``), or it must sit where the tool 
 Its sha256 must be the published file's, else :func:`load_inception` stops with one line naming
 the file, the expected hash and where to get the right one.
 
+Precision: the network runs in float32 with TF32 off (`float32_only`), also on a GPU and whatever
+the training or sampling precision set. pytorch-fid's and clean-fid's numbers are float32 ones:
+neither sets a TF32 flag, and on Ampere and later GPUs PyTorch's cuDNN default would round their
+convolutions' inputs to TF32 (10-bit mantissas), a device-dependent change of every feature.
+
 The Inception Score needs the 1008-way classifier output. We compute logits from the resized
 images' pool features as ``features @ W.T`` without the bias, as the original TF implementation
 and StyleGAN2-ADA (``no_output_bias=True``) do: ``W`` is the TorchScript model's ``base.output``
@@ -31,6 +36,7 @@ layer (``base(img)`` itself would re-resize with bilinear sampling), or pytorch-
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import tempfile
@@ -260,6 +266,18 @@ def _resized_batch(images: np.ndarray, resize, pool: ThreadPoolExecutor | None) 
     return torch.from_numpy(np.stack(out).astype(np.float32, copy=False)).permute(0, 3, 1, 2).contiguous()
 
 
+@contextlib.contextmanager
+def float32_only():
+    """TF32 off for cuDNN convolutions and CUDA matmuls inside the block (the flags only act on
+    CUDA); the previous settings come back after it."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
 def check_images(images: np.ndarray, what: str = "images") -> np.ndarray:
     """uint8 (N, H, W, C), or float in [0, 1], with C in {1, 3}; ValueError in one line otherwise."""
     images = np.asarray(images)
@@ -291,7 +309,8 @@ def inception_features(
     images are scaled to [0, 255] without rounding. Grayscale images are repeated to RGB (as
     clean-fid's PIL ``convert('RGB')`` does). With ``logits=True`` also returns the bias-free
     1008-way logits (N, 1008) for the Inception Score. ``num_workers`` threads run the resizing
-    (the CPU bottleneck: ~5 ms per image).
+    (the CPU bottleneck: ~5 ms per image; each image on its own, so the count changes no number).
+    The network runs with TF32 off (`float32_only`, see the module docstring).
     """
     images = check_images(images)
     own = getattr(extractor, "fid_mode", None)
@@ -307,14 +326,15 @@ def inception_features(
     feats, outs = [], []
     pool = ThreadPoolExecutor(num_workers) if num_workers > 0 else None
     try:
-        for i in range(0, len(images), batch_size):
-            batch = images[i : i + batch_size]
-            if batch.shape[-1] == 1:
-                batch = np.repeat(batch, 3, axis=-1)  # (B, H, W, 3)
-            f = extractor(_resized_batch(batch, resize, pool).to(device))  # (B, D)
-            feats.append(f.double().cpu().numpy())
-            if logits:
-                outs.append(torch.nn.functional.linear(f, weight).double().cpu().numpy())  # (B, 1008)
+        with float32_only():
+            for i in range(0, len(images), batch_size):
+                batch = images[i : i + batch_size]
+                if batch.shape[-1] == 1:
+                    batch = np.repeat(batch, 3, axis=-1)  # (B, H, W, 3)
+                f = extractor(_resized_batch(batch, resize, pool).to(device))  # (B, D)
+                feats.append(f.double().cpu().numpy())
+                if logits:
+                    outs.append(torch.nn.functional.linear(f, weight).double().cpu().numpy())  # (B, 1008)
     finally:
         if pool:
             pool.shutdown()

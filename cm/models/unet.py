@@ -48,6 +48,13 @@ class Encoding(NamedTuple):
         return Encoding(self.h[:n], tuple(s[:n] for s in self.skips), self.temb[:n])
 
 
+def _layout(x: torch.Tensor) -> torch.memory_format:
+    """channels_last when x is stored so (and not also NCHW-contiguous), else NCHW."""
+    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        return torch.channels_last
+    return torch.contiguous_format
+
+
 def _norm(ch: int) -> nn.GroupNorm:
     # 32 groups as in DDPM; narrower models (the capacity sweep's) take the largest divisor of 32 that fits.
     return nn.GroupNorm(math.gcd(32, ch), ch)
@@ -89,10 +96,13 @@ class AttnBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n, c, h, w = x.shape
         hn = self.norm(x)
-        # (N, C, H, W) -> (N, HW, C): one token per pixel.
-        q, k, v = (m(hn).flatten(2).transpose(1, 2) for m in (self.q, self.k, self.v))
+        # (N, C, H, W) -> (N, 1, HW, C): one head, one token per pixel. The fused kernels (flash,
+        # memory-efficient, cuDNN) take only 4-D (batch, heads, tokens, dim) inputs whose last
+        # dimension is contiguous; anything else falls back to the math kernel.
+        q, k, v = (m(hn).flatten(2).transpose(1, 2).unsqueeze(1).contiguous() for m in (self.q, self.k, self.v))
         out = F.scaled_dot_product_attention(q, k, v)  # softmax(q k^T / sqrt(C)) v
-        out = out.transpose(1, 2).reshape(n, c, h, w)
+        # Back to (N, C, H, W) in x's memory layout, so proj and the residual sum see one layout.
+        out = out.squeeze(1).transpose(1, 2).reshape(n, c, h, w).contiguous(memory_format=_layout(x))
         return x + self.proj(out)
 
 
