@@ -16,6 +16,20 @@ SHARED_CIFAR = ROOT.parent / "shared" / "data" / "cifar10" / "train.npz"
 VENV_BIN = Path(sys.executable).parent
 # Variables of the calling shell that would point a test's runs at someone else's stores.
 _ISOLATED = ("MLFLOW_TRACKING_URI", "MLFLOW_RUN_ID", "CM_PIPELINE_ID", "DVC_STAGE")
+# Session-scoped pipeline runs that many tests read (see `snakemake_run`).
+SHARED_RUNS = {"snakemake_run"}
+
+
+def pytest_collection_modifyitems(config, items):
+    """Under pytest-xdist (`make test` runs two workers, `--dist loadgroup`), the tests of one
+    session-scoped run go to one worker, and so do the end-to-end tests of one module: each run and
+    each module's expensive fixture is made once, not once per worker."""
+    for item in items:
+        shared = sorted(SHARED_RUNS & set(getattr(item, "fixturenames", ())))
+        if shared:
+            item.add_marker(pytest.mark.xdist_group(shared[0]))
+        elif item.get_closest_marker("e2e"):
+            item.add_marker(pytest.mark.xdist_group(item.module.__name__))
 
 
 @pytest.fixture(autouse=True)
@@ -93,3 +107,20 @@ def project(tmp_path) -> Path:
 def shared_project(tmp_path_factory) -> Path:
     """One copy of the project for a module's tests that leave it as they found it."""
     return copy_project(tmp_path_factory.mktemp("shared") / "project")
+
+
+def copy_run(source: Path, dest: Path) -> Path:
+    """A copy of a finished run (its files, git and DVC state, Snakemake's records, file times kept):
+    seconds, where running the pipeline again takes minutes. For tests that change what they get."""
+    shutil.copytree(source, dest, symlinks=True)
+    return dest
+
+
+@pytest.fixture(scope="session")
+def snakemake_run(tmp_path_factory) -> Path:
+    """The default pipeline at tiny budgets, run once per test session by `snakemake --cores all`
+    (every stage, both methods, MLflow tracking, DVC registration). Tests only read it, or take a
+    `copy_run` of it to change."""
+    project = copy_project(tmp_path_factory.mktemp("snakemake_run") / "project")
+    run(["snakemake", "--cores", "all"], project)
+    return project

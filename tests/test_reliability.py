@@ -18,7 +18,7 @@ import torch
 import yaml
 
 from cm import io
-from tests.conftest import VENV_BIN, run
+from tests.conftest import VENV_BIN, copy_project, copy_run, run
 
 pytestmark = pytest.mark.e2e
 TRAIN = "results/digits_lt/train/cm/seed0"
@@ -62,13 +62,21 @@ def same_weights(a: Path, b: Path) -> bool:
     return all(torch.equal(sa[part][k], sb[part][k]) for part in ("state_dict", "ema") for k in sa[part])
 
 
-@pytest.fixture
-def prepared(project):
+@pytest.fixture(scope="module")
+def prepared_once(tmp_path_factory):
+    project = copy_project(tmp_path_factory.mktemp("prepared") / "project")
     set_budget(project, steps=60, checkpoint_every=10, keep_checkpoints=2)
     run(["python", "-m", "cm", "prepare-data", "--experiment", "digits_lt",
          "--out", "results/digits_lt/data/manifest.json"], project)
     run(train_cmd("reference", "reference/ckpt"), project)  # the uninterrupted run
     return project
+
+
+@pytest.fixture
+def prepared(prepared_once, tmp_path):
+    """The training set and an uninterrupted reference training, made once per module, in a copy
+    each test may change."""
+    return copy_run(prepared_once, tmp_path / "project")
 
 
 def test_sigkill_during_training_then_the_same_command_resumes_bit_identically(prepared):

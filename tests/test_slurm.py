@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import shutil
 import subprocess
-from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -24,19 +23,13 @@ pytestmark = [pytest.mark.e2e,
               pytest.mark.skipif(not cluster_is_up(), reason="no SLURM cluster (run .ci/slurm-cluster.sh)")]
 
 
-def test_profile_runs_the_pipeline_as_slurm_jobs(project, tmp_path):
-    local = tmp_path / "local"
-    shutil.copytree(project, local, symlinks=True)
-    # The same pipeline on this machine, at the same time: SLURM's jobs mostly wait for the scheduler.
-    with ThreadPoolExecutor(2) as pool:
-        cluster = pool.submit(run, ["snakemake", "--profile", "slurm"], project, timeout=1200)
-        pool.submit(run, ["snakemake", "--cores", "all"], local, timeout=1200).result()
-        cluster.result()
+def test_profile_runs_the_pipeline_as_slurm_jobs(project, snakemake_run):
+    run(["snakemake", "--profile", "slurm"], project, timeout=1200)
     check_products(project)
     assert dvc_is_clean(project)
     # One answer: the cluster's jobs computed what a workstation computes, bit for bit.
-    assert_same_numbers(numbers(local), numbers(project), "slurm")
-    assert outputs(project) == outputs(local)
+    assert_same_numbers(numbers(snakemake_run), numbers(project), "slurm")
+    assert outputs(project) == outputs(snakemake_run)
     # Every non-local job went through sbatch and left its SLURM log.
     logs = list((project / "logs" / "slurm").rglob("*.log"))
     assert len(logs) >= 12, logs
