@@ -21,7 +21,7 @@ def subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentP
 def test_every_option_of_every_subcommand_has_help():
     parser = cli.build_parser()
     subs = subcommands(parser)
-    assert len(subs) == 16, sorted(subs)
+    assert len(subs) == 17, sorted(subs)
     missing = []
     listed = {a.dest: a.help for a in next(a for a in parser._actions
                                            if isinstance(a, argparse._SubParsersAction))._choices_actions}
