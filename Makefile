@@ -10,6 +10,10 @@ PYTHON ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed
 export DVC_NO_ANALYTICS := 1
+# pytest-xdist workers: two cut the suite's time on 2 cores (benchmarks/RESULTS.md); each
+# session-scoped pipeline run and each module's end-to-end fixture stays on one worker.
+TEST_WORKERS ?= 2
+PYTEST := python -m pytest -n $(TEST_WORKERS) --dist loadgroup
 
 .PHONY: run test test-fast docs lint clean-env device-check
 
@@ -23,10 +27,10 @@ run: $(STAMP)
 	. $(VENV)/bin/activate && snakemake --cores all && snakemake --report results/report.html
 
 test: $(STAMP)
-	. $(VENV)/bin/activate && python -m pytest
+	. $(VENV)/bin/activate && $(PYTEST)
 
 test-fast: $(STAMP)
-	. $(VENV)/bin/activate && python -m pytest -m "not e2e"
+	. $(VENV)/bin/activate && $(PYTEST) -m "not e2e"
 
 docs: $(STAMP)
 	. $(VENV)/bin/activate && python docs/gen_config_reference.py && \
