@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import copy
 import difflib
+import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -84,7 +86,15 @@ def _with_defaults(validator_class):
     return jsonschema.validators.extend(validator_class, {"properties": set_defaults})
 
 
-_DefaultingValidator = _with_defaults(jsonschema.Draft202012Validator)
+def _strict_integers(validator_class):
+    """JSON Schema counts 240.0 as an integer; training cannot count steps with it. Here an integer is
+    an int, so an integral float meets a type error, which `_coerce_numbers` turns into the int."""
+    checker = validator_class.TYPE_CHECKER.redefine(
+        "integer", lambda _, value: isinstance(value, int) and not isinstance(value, bool))
+    return jsonschema.validators.extend(validator_class, type_checker=checker)
+
+
+_DefaultingValidator = _with_defaults(_strict_integers(jsonschema.Draft202012Validator))
 
 
 def _key_path(path) -> str:
@@ -151,6 +161,48 @@ def _format(error: jsonschema.ValidationError) -> str:
     if error.validator == "propertyNames":
         return f"{where}: experiment name {error.instance!r} is not allowed: use letters, digits and _"
     return f"{where} = {error.instance!r} is not allowed: must be {_allowed(error)}"
+
+
+# Scientific notation that YAML 1.1 (PyYAML, Snakemake, DVC) reads as a string: 1e-4, 2E5.
+_SCIENTIFIC = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
+def _number_for(expected: str | list, value: Any) -> int | float | None:
+    """The number a value stands for where the schema expects `expected`, when it is written in a
+    form the schema's type rejects: an integral float for an integer (240.0, which training could not
+    use as a count), or a number YAML 1.1 reads as a string (1e-4: no dot before the exponent)."""
+    kinds = {expected} if isinstance(expected, str) else set(expected)
+    if "integer" in kinds and isinstance(value, float) and value.is_integer():
+        return int(value)
+    if kinds & {"number", "integer"} and isinstance(value, str) and _SCIENTIFIC.fullmatch(value.strip()):
+        number = float(value)
+        if "number" in kinds and math.isfinite(number):
+            return number
+        if number.is_integer():
+            return int(number)
+    return None
+
+
+def _coerce_numbers(validator, params: dict) -> None:
+    """Rewrite, in place, every value whose only fault is the written form of a number (see
+    `_number_for`), for every integer and number key of the schema: one rule, before validation, so
+    no stage ever sees 240.0 or '1e-4'."""
+    def type_errors(errors):
+        for error in errors:
+            if error.validator == "type":
+                yield error
+            yield from type_errors(error.context or ())
+
+    while True:
+        fixes = [(list(e.absolute_path), number) for e in type_errors(validator.iter_errors(params))
+                 if e.absolute_path and (number := _number_for(e.validator_value, e.instance)) is not None]
+        if not fixes:
+            return
+        for path, number in fixes:
+            parent = params
+            for part in path[:-1]:
+                parent = parent[part]
+            parent[path[-1]] = number
 
 
 def _semantic_checks(params: dict, base_dir: Path) -> None:
@@ -352,6 +404,7 @@ def check_params(params: Any, *, base_dir: str | Path = ".", origin: str = PARAM
         raise ConfigError(f"{origin}: expected a mapping at the top level, got {type(params).__name__}")
     params = copy.deepcopy(params)
     validator = _DefaultingValidator(schema())
+    _coerce_numbers(validator, params)
     error = jsonschema.exceptions.best_match(validator.iter_errors(params))
     if error is not None:
         raise ConfigError(f"{origin}: {_format(error)}")

@@ -188,3 +188,61 @@ def test_dvc_rewrites_only_the_value_it_sets(tmp_path):
     # Only the seeds entry (DVC's writer puts the blank line that follows it inside the new list).
     assert changed == ["-seeds: [0]                # training / sampling seeds", "-",
                        "+seeds:                    # training / sampling seeds", "+", "+- 1"]
+
+
+def _leaves(node, path=()):
+    """(path, value) of every scalar in a parsed params mapping, lists included."""
+    items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else None
+    if items is None:
+        yield path, node
+        return
+    for key, value in items:
+        yield from _leaves(value, (*path, key))
+
+
+def _set(node, path, value):
+    for part in path[:-1]:
+        node = node[part]
+    node[path[-1]] = value
+
+
+def test_every_integer_setting_written_as_an_integral_float_becomes_the_integer(raw):
+    """JSON Schema counts 240.0 as an integer; a stage cannot (range(240.0), a rank of 4.0). Every
+    integer of the completed configuration, written as a float, reaches the stages as the int."""
+    params = cfg.check_params(raw, base_dir=ROOT)
+    integers = [(path, value) for path, value in _leaves(params) if type(value) is int]
+    assert len(integers) > 100  # every experiment's steps, batch sizes, widths, seeds, threads, ...
+    floated = copy.deepcopy(params)
+    for path, value in integers:
+        _set(floated, path, float(value))
+    checked = cfg.check_params(floated, base_dir=ROOT)
+    number_keys = []
+    for path, value in integers:
+        got = checked
+        for part in path:
+            got = got[part]
+        assert got == value, path
+        if type(got) is not int:
+            number_keys.append(path)
+    # The floats kept are those of number keys (imbalance_ratio, ...), which take 10.5 as well.
+    assert len(number_keys) < len(integers) / 2
+    for path in number_keys:
+        fractional = copy.deepcopy(params)
+        _set(fractional, path, 10.5)
+        cfg.check_params(fractional, base_dir=ROOT)
+
+
+def test_a_fractional_float_for_an_integer_is_refused_naming_the_key(raw):
+    raw["experiments"]["digits_lt"]["train"]["steps"] = 240.5
+    assert error_of(raw) == ("params.yaml: experiments.digits_lt.train.steps = 240.5 is not allowed: must be "
+                             "type integer")
+
+
+@pytest.mark.parametrize("written, value", [("1e-4", 1e-4), ("2E-3", 2e-3), ("5e-5", 5e-5)])
+def test_scientific_notation_that_yaml_reads_as_a_string_is_a_number(raw, written, value):
+    text = (ROOT / "params.yaml").read_text().replace("      lr: 0.0002\n", f"      lr: {written}\n", 1)
+    loaded = yaml.safe_load(text)
+    assert loaded["experiments"]["digits_lt"]["train"]["lr"] == written  # YAML 1.1: a string
+    assert cfg.check_params(loaded, base_dir=ROOT)["experiments"]["digits_lt"]["train"]["lr"] == value
+    loaded["experiments"]["digits_lt"]["train"]["lr"] = "1e-4x"
+    assert "train.lr = '1e-4x' is not allowed: must be type number" in error_of(loaded)
