@@ -134,14 +134,30 @@ def _allowed(error: jsonschema.ValidationError) -> str:
     return error.message
 
 
+def _resolve(subschema: dict) -> dict:
+    return schema()["$defs"][subschema["$ref"].rsplit("/", 1)[1]] if "$ref" in subschema else subschema
+
+
+def _exclusive_keys(subschema: dict) -> list[str]:
+    """The keys of a mapping that must hold exactly one of them (a oneOf of single `required` keys,
+    as finetune's pretrain / diffusers), else []."""
+    alternatives = _resolve(subschema).get("oneOf") or []
+    keys = [alt.get("required") for alt in alternatives]
+    return [k[0] for k in keys] if alternatives and all(k and len(k) == 1 for k in keys) else []
+
+
 def _alternative(subschema: dict) -> str:
     """One `oneOf` alternative in words (a $ref'd enum, a constant, or a mapping with its required keys)."""
-    if "$ref" in subschema:
-        subschema = schema()["$defs"][subschema["$ref"].rsplit("/", 1)[1]]
+    subschema = _resolve(subschema)
     if "enum" in subschema:
         return "one of " + ", ".join(map(str, subschema["enum"]))
     if "const" in subschema:
         return str(subschema["const"])
+    if subschema.get("type") == "null":
+        return "empty"
+    exclusive = _exclusive_keys(subschema)
+    if exclusive:
+        return "a mapping with one of " + ", ".join(exclusive)
     return "a mapping with " + " and ".join(subschema["required"])
 
 
@@ -158,6 +174,11 @@ def _format(error: jsonschema.ValidationError) -> str:
         return f"unknown key {', '.join(hints)}; allowed here: {', '.join(allowed)}"
     if error.validator == "required":
         return f"{where}: {error.message}"
+    if error.validator in ("oneOf", "not") and isinstance(error.instance, dict):
+        for alternative in (error.schema, *(error.schema.get("oneOf") or ())):
+            given = [key for key in _exclusive_keys(alternative) if key in error.instance]
+            if len(given) > 1:
+                return f"{where}: give {' or '.join(given)}, not both"
     if error.validator == "propertyNames":
         return f"{where}: experiment name {error.instance!r} is not allowed: use letters, digits and _"
     return f"{where} = {error.instance!r} is not allowed: must be {_allowed(error)}"

@@ -246,3 +246,12 @@ def test_scientific_notation_that_yaml_reads_as_a_string_is_a_number(raw, writte
     assert cfg.check_params(loaded, base_dir=ROOT)["experiments"]["digits_lt"]["train"]["lr"] == value
     loaded["experiments"]["digits_lt"]["train"]["lr"] = "1e-4x"
     assert "train.lr = '1e-4x' is not allowed: must be type number" in error_of(loaded)
+
+
+def test_finetune_with_both_starting_points_says_give_one_of_them(raw):
+    raw["experiments"]["digits_lt"]["finetune"] = {"pretrain": {"data": {"source": "digits"}},
+                                                   "diffusers": {"path": "sd15"}}
+    assert error_of(raw) == "params.yaml: experiments.digits_lt.finetune: give pretrain or diffusers, not both"
+    raw["experiments"]["digits_lt"]["finetune"] = 5
+    assert error_of(raw).endswith("finetune = 5 is not allowed: must be a mapping with pretrain or a mapping "
+                                  "with diffusers")
