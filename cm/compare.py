@@ -3,6 +3,8 @@ against the U-Net's width): a table and a figure from the experiments' report/su
 
 from __future__ import annotations
 
+import os
+import tempfile
 from pathlib import Path
 
 from cm import config as cfg
@@ -11,6 +13,7 @@ from cm.errors import ConfigError, DataError
 from cm.report import pyplot, save_figure, to_csv
 
 COLUMNS = ["fid", "fid_many", "fid_medium", "fid_few"]
+OUTPUTS = ("summary.csv", "summary.md", "sweep.png")
 
 
 def setting(experiment: dict, key: str):
@@ -20,6 +23,9 @@ def setting(experiment: dict, key: str):
         if not isinstance(value, dict) or part not in value:
             raise ConfigError(f"--x {key}: the experiment has no setting {part!r} here ({value!r})")
         value = value[part]
+    if isinstance(value, dict):
+        raise ConfigError(f"--x {key} is a block, not a value: name one of "
+                          + ", ".join(f"{key}.{name}" for name in value))
     return value
 
 
@@ -74,6 +80,11 @@ def compare(params: dict, names: list[str], x: str, out_dir: str | Path, results
     """summary.csv, summary.md and sweep.png under `out_dir` for the experiments `names`, each read
     from `<results>/<name>/report/summary.csv` (run them first)."""
     experiments = {name: cfg.experiment(params, name) for name in names}
+    out_dir = Path(out_dir)
+    owned = _pipeline_folder(out_dir, params, results)
+    if owned is not None:
+        raise ConfigError(f"--out-dir {out_dir} is inside {owned}, which the pipeline's stages write (Snakemake and "
+                          "DVC own its files): name a folder of its own, e.g. results/capacity_sweep")
     summaries = {}
     for name in names:
         path = Path(results) / name / "report" / "summary.csv"
@@ -82,8 +93,26 @@ def compare(params: dict, names: list[str], x: str, out_dir: str | Path, results
                             f"(snakemake --cores all --config 'run=[{','.join(names)}]')")
         summaries[name] = io.read_csv(path)
     rows = sweep_rows(experiments, summaries, x)
-    out_dir = Path(out_dir)
-    io.write_text(out_dir / "summary.csv", to_csv(rows))
-    io.write_text(out_dir / "summary.md", sweep_markdown(rows, x))
-    sweep_figure(rows, x, out_dir / "sweep.png", title=f"{', '.join(names)}: FID against {x} (mean ± std over seeds)")
+    # Every file made in a scratch folder first, then moved in: a failure leaves out_dir as it was.
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out_dir.parent, prefix=f".{out_dir.name}.") as scratch:
+        scratch = Path(scratch)
+        io.write_text(scratch / "summary.csv", to_csv(rows))
+        io.write_text(scratch / "summary.md", sweep_markdown(rows, x))
+        sweep_figure(rows, x, scratch / "sweep.png",
+                     title=f"{', '.join(names)}: FID against {x} (mean ± std over seeds)")
+        out_dir.mkdir(exist_ok=True)
+        for name in OUTPUTS:
+            os.replace(scratch / name, out_dir / name)
     return rows
+
+
+def _pipeline_folder(out_dir: Path, params: dict, results: str | Path) -> Path | None:
+    """The experiment folder of `results` that holds out_dir, if any: every stage writes under
+    <results>/<experiment>/, so none of it is a comparison's to write."""
+    target = out_dir.resolve()
+    for name in params["experiments"]:
+        folder = (Path(results) / name).resolve()
+        if target == folder or folder in target.parents:
+            return Path(results) / name
+    return None

@@ -58,3 +58,44 @@ def test_a_missing_report_or_setting_is_one_line(tmp_path):
     with pytest.raises(ConfigError, match="no setting 'ch'"):
         compare(params, ["digits_lt"], "model.ch", tmp_path / "out", tmp_path)
     assert not (tmp_path / "out").exists()
+
+
+def test_an_output_folder_of_the_pipeline_is_refused_and_nothing_is_written(tmp_path):
+    params = params_with_widths([16, 8])
+    write_summary(tmp_path, "w16", [summary_row("ddpm", 1.0)])
+    write_summary(tmp_path, "w8", [summary_row("ddpm", 3.0)])
+    report = tmp_path / "w8" / "report"
+    before = (report / "summary.csv").read_bytes()
+    with pytest.raises(ConfigError, match=r"--out-dir .*w8/report is inside .*w8, which the pipeline's stages write"):
+        compare(params, ["w16", "w8"], "model.ch", report, tmp_path)
+    assert (report / "summary.csv").read_bytes() == before and sorted(p.name for p in report.iterdir()) == [
+        "summary.csv"]
+
+
+def test_a_block_for_x_lists_the_values_under_it(tmp_path):
+    params = params_with_widths([16, 8])
+    write_summary(tmp_path, "w16", [summary_row("ddpm", 1.0)])
+    write_summary(tmp_path, "w8", [summary_row("ddpm", 3.0)])
+    with pytest.raises(ConfigError, match=r"--x train is a block, not a value: name one of train.steps, "):
+        compare(params, ["w16", "w8"], "train", tmp_path / "out", tmp_path)
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.*"))
+
+
+def test_a_failure_while_writing_leaves_the_output_folder_as_it_was(tmp_path, monkeypatch):
+    import cm.compare
+
+    params = params_with_widths([16, 8])
+    write_summary(tmp_path, "w16", [summary_row("ddpm", 1.0)])
+    write_summary(tmp_path, "w8", [summary_row("ddpm", 3.0)])
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "summary.md").write_text("an earlier comparison")
+
+    def broken_figure(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(cm.compare, "sweep_figure", broken_figure)
+    with pytest.raises(OSError, match="disk full"):
+        compare(params, ["w16", "w8"], "model.ch", tmp_path / "out", tmp_path)
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["summary.md"]
+    assert (tmp_path / "out" / "summary.md").read_text() == "an earlier comparison"
+    assert not list(tmp_path.glob(".out.*"))
