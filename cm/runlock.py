@@ -39,3 +39,16 @@ def claim(folder: str | Path = ".snakemake") -> None:
     fh.write(str(os.getpid()))
     fh.flush()
     _held.append(fh)
+
+
+def stale_snakemake_lock(folder: str | Path = ".snakemake") -> str | None:
+    """Snakemake's own lock left by a killed run, as a one-line way on; None when there is none.
+
+    Called after `claim` succeeded, so no other run is alive in this folder and the lock files
+    (which Snakemake removes when a run ends in any other way) are a killed run's.
+    """
+    locks = Path(folder) / "locks"
+    if not any(locks.glob("*.lock")):
+        return None
+    return (f"a killed run left Snakemake's lock in {locks}; no other run is alive in this folder (its run lock "
+            "was free), so clearing it is safe: run `snakemake --unlock`, then the same command again")

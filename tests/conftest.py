@@ -20,6 +20,7 @@ _ISOLATED = ("MLFLOW_TRACKING_URI", "MLFLOW_RUN_ID", "CM_PIPELINE_ID", "DVC_STAG
 SHARED_RUNS = {"snakemake_run"}
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's own hook reads the groups
 def pytest_collection_modifyitems(config, items):
     """Under pytest-xdist (`make test` runs two workers, `--dist loadgroup`), the tests of one
     session-scoped run go to one worker, and so do the end-to-end tests of one module: each run and

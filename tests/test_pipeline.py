@@ -136,7 +136,9 @@ def test_dvc_repro_reproduces_the_pipeline(project):
          "train_evaluator@digits_lt", "reference_features@digits_lt"], project, timeout=900)
     run(["dvc", "repro", "--quiet", "--force", "--downstream", "train@digits_lt-cm-0"], project, timeout=900)
     diff = run(["python", "-m", "cm", "lock-diff", "committed.lock", "dvc.lock"], project, check=False)
-    assert diff.returncode == 0 and diff.stdout + diff.stderr == "", diff.stdout + diff.stderr
+    assert diff.returncode == 0 and diff.stderr == "", diff.stdout + diff.stderr
+    assert diff.stdout.splitlines()[0].endswith("compared, all equal"), diff.stdout
+    assert diff.stdout.splitlines()[1].endswith("compared, all the same bytes"), diff.stdout
 
     # Another selection, run as the README says, leaves this one's results as they are, and its
     # metrics line up with these in `dvc exp show` (keyed by method, not by seed).

@@ -186,3 +186,35 @@ def test_a_second_snakemake_in_the_same_folder_is_refused(project):
     output, _ = first.communicate(timeout=600)
     assert first.returncode == 0, output
     assert io.load_torch(project / target)["step"] == 30  # the first run went on to the end
+
+
+def test_after_a_killed_snakemake_the_rerun_says_in_one_line_how_to_continue(project):
+    target = "results/digits_lt/train/ddpm/seed0/model.pt"
+    first = start(["snakemake", "--cores", "1", target], project)
+    wait_for(lambda: any((project / ".snakemake" / "locks").glob("*")) or first.poll() is not None,
+             what="the run's lock")
+    for process in [*psutil.Process(first.pid).children(recursive=True), psutil.Process(first.pid)]:
+        process.kill()  # SIGKILL: nothing of Snakemake's own clean-up runs
+    first.wait()
+    again = run(["snakemake", "--cores", "1", target], project, check=False)
+    output = again.stdout + again.stderr
+    assert again.returncode != 0 and "Traceback" not in output and "LockException" not in output, output
+    assert ("a killed run left Snakemake's lock in .snakemake/locks; no other run is alive in this folder (its run "
+            "lock was free), so clearing it is safe: run `snakemake --unlock`, then the same command again") in output
+    # The dry run needs no lock; the advice works.
+    assert run(["snakemake", "--dry-run", target], project).returncode == 0
+    run(["snakemake", "--unlock"], project)
+    run(["snakemake", "--cores", "1", target], project)
+    assert io.load_torch(project / target)["step"] == 30
+
+
+def test_a_corrupt_upstream_file_is_named_on_the_console_with_the_command_that_rebuilds_it(snakemake_run, tmp_path):
+    project = copy_run(snakemake_run, tmp_path / "project")
+    model = project / "results/digits_lt/train/cm/seed0/model.pt"
+    model.write_bytes(model.read_bytes()[:1000])  # truncated, with a later time than its outputs
+    result = run(["snakemake", "--cores", "1", "results/digits_lt/merged/cm/seed0/model.pt"], project, check=False)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0 and "Traceback" not in output
+    assert ("merge: error: results/digits_lt/train/cm/seed0/model.pt: not a readable checkpoint" in output
+            and "(rebuild it and what depends on it: snakemake --cores all --forcerun "
+                "results/digits_lt/train/cm/seed0/model.pt)" in output), output

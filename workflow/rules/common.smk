@@ -1,6 +1,7 @@
 # Helpers and validation shared by the rules. Nothing here has side effects at parse time:
 # SLURM jobs re-read the Snakefile.
 
+import sys
 from pathlib import Path
 
 from snakemake.exceptions import WorkflowError
@@ -9,7 +10,7 @@ from snakemake.utils import validate
 from cm.config import ConfigError, check_params, load_yaml
 from cm.method_names import MERGE_ONLY, evaluated_methods
 from cm.pipeline import CODE, RESOURCES, stage_params, train_processes
-from cm.runlock import FolderBusyError, claim
+from cm.runlock import FolderBusyError, claim, stale_snakemake_lock
 
 # `--config 'seeds=[0,1,2]'` arrives as strings: Snakemake parses lists with YAML's BaseLoader.
 if isinstance(config.get("seeds"), list):
@@ -32,6 +33,11 @@ if workflow.is_main_process:
         claim()
     except FolderBusyError as err:
         raise WorkflowError(str(err)) from None
+    # After a kill, Snakemake's lock stays behind and the next run would stop on its LockException.
+    # (Not for the runs that take no lock: the unlock itself and dry runs.)
+    stale = stale_snakemake_lock()
+    if stale and not {"--unlock", "-n", "--dry-run", "--dryrun"} & set(sys.argv):
+        raise WorkflowError(stale)
 
 
 wildcard_constraints:
@@ -92,5 +98,8 @@ onsuccess:
 
 onerror:
     from cm import tracking
+    from cm.failures import job_errors
 
     tracking.end_pipeline(config["tracking"], ok=False)
+    for line in job_errors(log):  # the failed jobs' own one-line errors, not only "check log"
+        print(line, file=sys.stderr)
