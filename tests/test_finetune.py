@@ -318,6 +318,13 @@ def test_bad_inputs_raise_one_line_naming_the_problem(tmp_path):
     (tmp_path / "vae" / "config.json").write_text(json.dumps({"_class_name": "AutoencoderKL"}))
     with pytest.raises(ValueError, match="holds a 'AutoencoderKL', not a U-Net"):
         load_pretrained_unet(tmp_path / "vae")
+    (tmp_path / "file").write_text("not a folder")
+    with pytest.raises(ValueError, match="file is a file, not a folder; expected a diffusers UNet"):
+        load_pretrained_unet(tmp_path / "file")
+    (tmp_path / "bare").mkdir()
+    (tmp_path / "bare" / "config.json").write_text(json.dumps({"_class_name": "UNet2DModel", "sample_size": 8}))
+    with pytest.raises(ValueError, match=r"bare/config.json: the U-Net's config lacks in_channels, which say what"):
+        load_pretrained_unet(tmp_path / "bare")
 
     net, _ = make("cm")
     with pytest.raises(ValueError, match=r"'to_q' matches no layer of UNet; layers that can carry an adapter: "

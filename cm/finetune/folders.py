@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 UNET_CLASS_NAMES = ("UNet2DModel", "UNet2DConditionModel")
+UNET_FIELDS = ("in_channels", "sample_size")  # what the fit to the data is read from
 EXPECTED = ("a diffusers UNet saved with save_pretrained (config.json with _class_name UNet2DModel or "
             "UNet2DConditionModel), or a Stable Diffusion pipeline folder (model_index.json, unet/, text_encoder/, "
             "tokenizer/, vae/)")
@@ -67,12 +68,18 @@ def unet_config(folder: Path, root: Path) -> dict:
     if found.get("_class_name") not in UNET_CLASS_NAMES:
         raise ValueError(f"{root} holds a {found.get('_class_name')!r}, not a U-Net this project fine-tunes: "
                          f"one of {', '.join(UNET_CLASS_NAMES)}")
+    missing = [key for key in UNET_FIELDS if found.get(key) is None]
+    if missing:
+        raise ValueError(f"{config}: the U-Net's config lacks {', '.join(missing)}, which say what it denoises "
+                         f"(a save_pretrained config.json has them)")
     return found
 
 
 def describe(folder) -> FolderSpec:
     """The FolderSpec of a local folder; ValueError (one line) if it is missing or not a diffusers model."""
     root = Path(folder)
+    if root.is_file():
+        raise ValueError(f"pretrained model folder {root} is a file, not a folder; expected {EXPECTED}")
     if not root.is_dir():
         raise ValueError(f"pretrained model folder {root} does not exist; expected {EXPECTED}")
     index = root / "model_index.json"
