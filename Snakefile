@@ -3,9 +3,19 @@
 #   snakemake --profile slurm          cluster (slurm/config.yaml)
 # Every rule runs one `python -m cm <stage>` command; the same stages are in dvc.yaml.
 
+from snakemake.exceptions import WorkflowError
 from snakemake.utils import min_version
 
+from cm.config import ConfigError, load_yaml
+
 min_version("9.0")
+
+
+# Snakemake's own reading of a broken file says only "not valid JSON or YAML": say where first.
+try:
+    load_yaml("params.yaml")
+except ConfigError as err:
+    raise WorkflowError(str(err)) from None
 
 
 configfile: "params.yaml"

@@ -64,7 +64,16 @@ def load_yaml(path: str | Path) -> Any:
     except ConfigError as err:
         raise ConfigError(f"{path}: {err}") from None
     except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+        raise ConfigError(_yaml_error(path, err)) from None
+
+
+def _yaml_error(path: Path, err: yaml.YAMLError) -> str:
+    """One line: the file, the line and column where parsing stopped, and what was wrong there."""
+    mark = getattr(err, "problem_mark", None)
+    where = f", line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+    context = getattr(err, "context", None)
+    return f"{path}{where}: not valid YAML: {problem}" + (f" ({context})" if context else "")
 
 
 def schema() -> dict:

@@ -200,6 +200,33 @@ def stops_before_any_job(project, params_text: str, expected: tuple[str, ...]) -
     assert sentinel.read_text() == "{}" and not (project / "logs").exists()
 
 
+# YAML syntax errors in the seeds line (line 11 of the shipped file): a tab, and a list left open.
+# Each message names the file, the line and column where parsing stopped, and the problem.
+YAML_ERRORS = [("seeds:\n\t- 0\n", r"line 12, column 1: not valid YAML: found character '\\t'"),
+               ("seeds: [0\n", r"line \d+, column \d+: not valid YAML: expected ',' or ']'")]
+
+
+@pytest.mark.parametrize("seeds_line, says", YAML_ERRORS)
+def test_a_yaml_syntax_error_names_file_line_and_column_under_snakemake_and_the_cli(shared_project, seeds_line,
+                                                                                      says):
+    lines = (ROOT / "params.yaml").read_text().splitlines(keepends=True)
+    assert lines[10].startswith("seeds:")
+    text = "".join(lines[:10] + [seeds_line] + lines[11:])
+    params_file = shared_project / "params.yaml"
+    good = params_file.read_text()
+    params_file.write_text(text)
+    try:
+        result = run(["snakemake", "--cores", "all"], shared_project, check=False)
+    finally:
+        params_file.write_text(good)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0 and re.search("params.yaml, " + says, output) and "Traceback" not in output, output
+    (shared_project / "broken.yaml").write_text(text)
+    check = run(["python", "-m", "cm", "check", "--params", "broken.yaml"], shared_project, check=False)
+    assert check.returncode == 2 and check.stderr.count("\n") == 1, check.stderr
+    assert re.match("error: broken.yaml, " + says, check.stderr), check.stderr
+
+
 @pytest.mark.parametrize("edit, expected", SNAKEMAKE_MISTAKES)
 def test_bad_configuration_stops_snakemake_before_any_job(shared_project, edit, expected):
     params = yaml.safe_load((shared_project / "params.yaml").read_text())
