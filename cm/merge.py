@@ -7,6 +7,7 @@ on the same random batch and must agree (float64 to 1e-8, float32 to a stated to
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from pathlib import Path
 
@@ -14,7 +15,7 @@ import torch
 
 from cm import io
 from cm.errors import ConfigError
-from cm.lowrank import add_lowrank_branches, merge_lowrank
+from cm.lowrank import add_lowrank_branches, branches_disabled, merge_lowrank
 from cm.models import build_model
 
 MERGED_FORMAT = "cm.merged/1"
@@ -77,6 +78,18 @@ def _merged_plain(net: torch.nn.Module, config: dict, drop_branches: bool) -> to
     return plain
 
 
+def _as_merged(net: torch.nn.Module, config: dict, drop_branches: bool):
+    """The context in which the trained `net` computes what its merge must: itself, or for a theta_g-only
+    merge with its reserved capacity off (the branches, or the `expert` adapter)."""
+    if not drop_branches:
+        return contextlib.nullcontext(net)
+    if config.get("lora"):
+        from cm.finetune import ExpertAdapters
+
+        return ExpertAdapters().disabled(net)
+    return branches_disabled(net)
+
+
 def merge(model_path: str | Path, out: str | Path, *, drop_branches: bool = False) -> dict:
     """Merge the EMA weights of a trained checkpoint into a plain U-Net checkpoint `out`."""
     state = load_checkpoint(model_path, "cm.model/1")
@@ -90,10 +103,12 @@ def merge(model_path: str | Path, out: str | Path, *, drop_branches: bool = Fals
     plain = _merged_plain(net, config, drop_branches)
 
     report = {"had_branches": has_branches, "drop_branches": drop_branches}
-    if has_branches and not drop_branches:
+    if has_branches:  # every merge is checked: against the full model, or theta_g's against it with the expert off
         net64 = copy.deepcopy(net).double()
-        report["gap_float64"] = _relative_gap(net64, _merged_plain(net64, config, False), config)
-        report["gap_float32"] = _relative_gap(net, plain, config)
+        plain64 = _merged_plain(net64, config, drop_branches)
+        with _as_merged(net64, config, drop_branches) as reference64, _as_merged(net, config, drop_branches) as ref:
+            report["gap_float64"] = _relative_gap(reference64, plain64, config)
+            report["gap_float32"] = _relative_gap(ref, plain, config)
         if report["gap_float64"] > FLOAT64_TOL or report["gap_float32"] > FLOAT32_TOL:
             raise RuntimeError(f"{model_path}: merged and unmerged outputs differ: {report}")
     plain_config = {k: v for k, v in config.items() if k != "lora"}  # a plain U-Net, whatever trained it

@@ -72,6 +72,24 @@ def test_branch_scale_travels_from_training_to_the_merge(trained, tmp_path):
     torch.testing.assert_close(merged.state_dict()[f"{conv}.weight"], w + 3.0 * (b @ a).view(w.shape))
 
 
+def test_the_theta_g_only_merge_is_checked_against_the_model_with_its_branches_off(trained, tmp_path, monkeypatch):
+    import cm.merge
+
+    tmp, _, _ = trained
+    state = io.load_torch(tmp / "cm.pt")
+    for key in [k for k in state["ema"] if k.endswith(".B")]:
+        state["ema"][key] = torch.randn_like(state["ema"][key]) * 0.1  # branches that change the output
+    io.save_torch(tmp_path / "cm_loud.pt", state)
+    report = merge(tmp_path / "cm_loud.pt", tmp_path / "gonly.pt", drop_branches=True)
+    assert report["drop_branches"] and report["gap_float64"] <= 1e-10 and report["gap_float32"] <= 1e-5
+    # A theta_g-only merge that kept the branches would now be caught.
+    real = cm.merge._merged_plain
+    monkeypatch.setattr(cm.merge, "_merged_plain", lambda net, config, drop: real(net, config, False))
+    with pytest.raises(RuntimeError, match="merged and unmerged outputs differ"):
+        merge(tmp_path / "cm_loud.pt", tmp_path / "wrong.pt", drop_branches=True)
+    assert not (tmp_path / "wrong.pt").exists()
+
+
 def test_theta_g_only_merge_needs_branches(trained, tmp_path):
     tmp, _, _ = trained
     with pytest.raises(cfg.ConfigError, match="'ddpm' checkpoint has no low-rank branches to drop"):
