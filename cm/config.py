@@ -243,6 +243,8 @@ def _semantic_checks(params: dict, base_dir: Path) -> None:
         raise ConfigError(f"method_params.cm.passes = 'shared_encoder' is not allowed with branch_layers = "
                           f"{cm_params['branch_layers']!r}: it shares the encoder between h_full and h_g, so "
                           f"branches must be in the decoder only (branch_layers: decoder)")
+    if cm_params["passes"] == "shared_encoder":
+        _check_shared_encoder_methods(params["methods"])
     known = sorted(params["experiments"])
     for i, name in enumerate(params["run"]):
         if name not in params["experiments"]:
@@ -270,6 +272,19 @@ def _semantic_checks(params: dict, base_dir: Path) -> None:
             raise ConfigError(
                 f"experiments.{name}.train.batch_size = {batch} is not allowed with resources.train.gpu = {gpus}: "
                 f"must be a multiple of it (each of the {gpus} training processes takes an equal share of a batch)")
+
+
+def _check_shared_encoder_methods(methods: list[str]) -> None:
+    """CM's shared-encoder pass reuses the encoder's activations for theta_g, so the reserved capacity
+    must sit in the decoder alone; a fine-tuning's expert adapter sits in the encoder too."""
+    from cm.method_names import parse_method
+
+    for i, method in enumerate(methods):
+        spec = parse_method(method)
+        if spec.lora and spec.variant is not None:
+            raise ConfigError(f"methods[{i}] = {method!r} is not allowed with method_params.cm.passes = "
+                              "'shared_encoder': its expert adapter sits in the encoder too, which that pass "
+                              "shares between h_full and h_g; use passes: two")
 
 
 def _check_finetuning(params: dict, base_dir: Path) -> None:

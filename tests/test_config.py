@@ -255,3 +255,11 @@ def test_finetune_with_both_starting_points_says_give_one_of_them(raw):
     raw["experiments"]["digits_lt"]["finetune"] = 5
     assert error_of(raw).endswith("finetune = 5 is not allowed: must be a mapping with pretrain or a mapping "
                                   "with diffusers")
+
+
+def test_lora_cm_with_the_shared_encoder_pass_is_refused_when_params_are_read(raw):
+    raw["method_params"]["cm"]["passes"] = "shared_encoder"
+    raw.update(methods=["lora", "lora+cm"], run=["digits_ft_lt"])
+    assert error_of(raw) == (
+        "params.yaml: methods[1] = 'lora+cm' is not allowed with method_params.cm.passes = 'shared_encoder': "
+        "its expert adapter sits in the encoder too, which that pass shares between h_full and h_g; use passes: two")
