@@ -10,10 +10,10 @@ PYTHON ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed
 export DVC_NO_ANALYTICS := 1
-# pytest-xdist workers: two cut the suite's time on 2 cores (benchmarks/RESULTS.md); each
-# session-scoped pipeline run and each module's end-to-end fixture stays on one worker.
+# pytest-xdist workers: two cut the suite's time on 2 cores (benchmarks/RESULTS.md). A test file
+# runs on one worker (--dist loadfile), so a module's end-to-end fixture is made once.
 TEST_WORKERS ?= 2
-PYTEST := python -m pytest -n $(TEST_WORKERS) --dist loadgroup
+PYTEST := python -m pytest -n $(TEST_WORKERS) --dist loadfile
 
 .PHONY: run test test-fast docs lint clean-env device-check
 

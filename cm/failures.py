@@ -8,16 +8,19 @@ command that rebuilds a corrupt upstream file the error names.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from pathlib import Path
 
 _FAILED_RULE = re.compile(r"^Error in rule (\w+):")
 _JOB_LOG = re.compile(r"^\s+log: (.+) \(check log file\(s\) for error details\)$")
 
 
-def job_errors(snakemake_log: str | Path) -> list[str]:
-    """'<rule>: error: ...' for every failed job of a run whose log ends in a stage's one-line error."""
+def job_errors(snakemake_logs: Iterable[str | Path]) -> list[str]:
+    """'<rule>: error: ...' for every failed job of a run whose log ends in a stage's one-line error.
+    snakemake_logs: the run's own log files (what Snakemake passes to `onerror`)."""
     lines, rule = [], None
-    for line in Path(snakemake_log).read_text(errors="replace").splitlines():
+    text = "\n".join(Path(log).read_text(errors="replace") for log in snakemake_logs if Path(log).is_file())
+    for line in text.splitlines():
         if match := _FAILED_RULE.match(line):
             rule = match[1]
         elif rule and (match := _JOB_LOG.match(line)):

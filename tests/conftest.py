@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import subprocess
@@ -16,21 +17,6 @@ SHARED_CIFAR = ROOT.parent / "shared" / "data" / "cifar10" / "train.npz"
 VENV_BIN = Path(sys.executable).parent
 # Variables of the calling shell that would point a test's runs at someone else's stores.
 _ISOLATED = ("MLFLOW_TRACKING_URI", "MLFLOW_RUN_ID", "CM_PIPELINE_ID", "DVC_STAGE")
-# Session-scoped pipeline runs that many tests read (see `snakemake_run`).
-SHARED_RUNS = {"snakemake_run"}
-
-
-@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's own hook reads the groups
-def pytest_collection_modifyitems(config, items):
-    """Under pytest-xdist (`make test` runs two workers, `--dist loadgroup`), the tests of one
-    session-scoped run go to one worker, and so do the end-to-end tests of one module: each run and
-    each module's expensive fixture is made once, not once per worker."""
-    for item in items:
-        shared = sorted(SHARED_RUNS & set(getattr(item, "fixturenames", ())))
-        if shared:
-            item.add_marker(pytest.mark.xdist_group(shared[0]))
-        elif item.get_closest_marker("e2e"):
-            item.add_marker(pytest.mark.xdist_group(item.module.__name__))
 
 
 @pytest.fixture(autouse=True)
@@ -121,7 +107,18 @@ def copy_run(source: Path, dest: Path) -> Path:
 def snakemake_run(tmp_path_factory) -> Path:
     """The default pipeline at tiny budgets, run once per test session by `snakemake --cores all`
     (every stage, both methods, MLflow tracking, DVC registration). Tests only read it, or take a
-    `copy_run` of it to change."""
-    project = copy_project(tmp_path_factory.mktemp("snakemake_run") / "project")
-    run(["snakemake", "--cores", "all"], project)
+    `copy_run` of it to change. Under pytest-xdist the workers share one run: the first to need it
+    makes it under a file lock in the session's common temporary folder, the others wait for it."""
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # popen-gw<N>/ of each worker sits in the session's folder
+    project, done = root / "snakemake_run" / "project", root / "snakemake_run" / "done"
+    with open(root / "snakemake_run.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not done.exists():
+            shutil.rmtree(project.parent, ignore_errors=True)
+            project.parent.mkdir(parents=True)
+            copy_project(project)
+            run(["snakemake", "--cores", "all"], project)
+            done.touch()
     return project
