@@ -14,11 +14,9 @@ import matplotlib.image
 import mlflow
 import numpy as np
 import pytest
-import yaml
 
 from cm import io
-from tests.conftest import ROOT, copy_run, run
-from tests.test_config import DUPLICATES, MISTAKES
+from tests.conftest import copy_run, run
 
 pytestmark = pytest.mark.e2e
 STAGE_RUNS = {"prepare_data": 1, "pretrain": 1, "train_evaluator": 1, "reference_features": 1, "train": 2, "merge": 2,
@@ -168,73 +166,6 @@ def metrics_of(exp: dict) -> dict:
     """The report's metrics.json of one `dvc exp show --json` entry."""
     files = exp["data"]["metrics"]
     return next(v["data"] for k, v in files.items() if k.endswith("report/metrics.json"))
-
-
-# Every mistake of the CLI's catalogue (tests/test_config.py), and these that need the pipeline's
-# selection, must stop Snakemake at parse time: (edit, what the message says).
-SNAKEMAKE_MISTAKES = [(edit, (key, value, allowed)) for edit, key, value, allowed in MISTAKES] + [
-    (lambda p: p.update(theta_g_only=["cm+oc"]),
-     ("theta_g_only[0] = 'cm+oc' is not allowed: must be one of methods",)),
-    (lambda p: p.update(run=["cifar"]), ("run[0] = 'cifar' is not an experiment",)),
-    (lambda p: p["experiments"]["digits_lt"].update(trian={}), ("unknown key 'experiments.digits_lt.trian'",)),
-]
-
-
-def stops_before_any_job(project, params_text: str, expected: tuple[str, ...]) -> str:
-    """`snakemake --cores all` on `params_text` fails with every `expected` text, no traceback, and
-    writes nothing (an earlier result stays as it was); the project's params.yaml is restored.
-    Returns what Snakemake printed."""
-    params_file = project / "params.yaml"
-    sentinel = project / "results" / "digits_lt" / "data" / "manifest.json"
-    sentinel.parent.mkdir(parents=True, exist_ok=True)
-    sentinel.write_text("{}")
-    good = params_file.read_text()
-    params_file.write_text(params_text)
-    try:
-        result = run(["snakemake", "--cores", "all"], project, check=False)
-    finally:
-        params_file.write_text(good)
-    output = result.stdout + result.stderr
-    assert result.returncode != 0 and all(text in output for text in expected), output
-    assert "Traceback" not in output
-    assert sorted(p.name for p in (project / "results").rglob("*")) == ["data", "digits_lt", "manifest.json"]
-    assert sentinel.read_text() == "{}" and not (project / "logs").exists()
-    return output
-
-
-# YAML syntax errors in the seeds line (line 11 of the shipped file): a tab, and a list left open.
-# Each message names the file, the line and column where parsing stopped, and the problem.
-YAML_ERRORS = [("seeds:\n\t- 0\n", r"line 12, column 1: not valid YAML: found character '\\t'"),
-               ("seeds: [0\n", r"line \d+, column \d+: not valid YAML: expected ',' or ']'")]
-
-
-@pytest.mark.parametrize("seeds_line, says", YAML_ERRORS)
-def test_a_yaml_syntax_error_names_file_line_and_column_under_snakemake_and_the_cli(shared_project, seeds_line,
-                                                                                      says):
-    lines = (ROOT / "params.yaml").read_text().splitlines(keepends=True)
-    assert lines[10].startswith("seeds:")
-    text = "".join(lines[:10] + [seeds_line] + lines[11:])
-    output = stops_before_any_job(shared_project, text, ())
-    assert re.search("params.yaml, " + says, output), output
-    (shared_project / "broken.yaml").write_text(text)
-    check = run(["python", "-m", "cm", "check", "--params", "broken.yaml"], shared_project, check=False)
-    assert check.returncode == 2 and check.stderr.count("\n") == 1, check.stderr
-    assert re.match("error: broken.yaml, " + says, check.stderr), check.stderr
-
-
-@pytest.mark.parametrize("edit, expected", SNAKEMAKE_MISTAKES)
-def test_bad_configuration_stops_snakemake_before_any_job(shared_project, edit, expected):
-    params = yaml.safe_load((shared_project / "params.yaml").read_text())
-    edit(params)
-    stops_before_any_job(shared_project, yaml.safe_dump(params, sort_keys=False), expected)
-
-
-@pytest.mark.parametrize("old, new, key", DUPLICATES)
-def test_duplicated_key_stops_snakemake_before_any_job(shared_project, old, new, key):
-    shipped = (ROOT / "params.yaml").read_text()  # its own formatting: the cases edit its text
-    text = shipped.replace(old, new, 1)
-    assert text != shipped
-    stops_before_any_job(shared_project, text, ("params.yaml: duplicated key", f"'{key}'"))
 
 
 def test_stage_error_is_one_line_and_writes_nothing(project):
