@@ -43,6 +43,8 @@ def job_times(lines: list[str]) -> tuple[dict[str, list[float]], float]:
 def main(log: str) -> None:
     times, wall = job_times(Path(log).read_text().splitlines())
     total = sum(sum(t) for t in times.values())
+    if not times:
+        raise SystemExit(f"{log}: no finished job in this log (a dry run, a report, or nothing to do)")
     print(f"{'rule':<20} {'jobs':>4} {'sum s':>7} {'max s':>6} {'share':>6}")
     for rule, seconds in sorted(times.items(), key=lambda item: -sum(item[1])):
         print(f"{rule:<20} {len(seconds):>4} {sum(seconds):>7.0f} {max(seconds):>6.0f} {sum(seconds) / total:>6.1%}")
