@@ -128,6 +128,8 @@ def _allowed(error: jsonschema.ValidationError) -> str:
             if key in s:
                 bounds.append(f"{sign} {s[key]}")
         return "a number " + " and ".join(bounds)
+    if kind == "multipleOf":
+        return f"a multiple of {s['multipleOf']}"
     if kind == "minItems":
         return f"a list of at least {s['minItems']} item(s)"
     if kind == "uniqueItems":

@@ -263,3 +263,17 @@ def test_lora_cm_with_the_shared_encoder_pass_is_refused_when_params_are_read(ra
     assert error_of(raw) == (
         "params.yaml: methods[1] = 'lora+cm' is not allowed with method_params.cm.passes = 'shared_encoder': "
         "its expert adapter sits in the encoder too, which that pass shares between h_full and h_g; use passes: two")
+
+
+def test_an_odd_width_is_refused_when_params_are_read(raw):
+    """The base width is also the sinusoidal timestep embedding's, which needs an even width: an odd
+    one would pass the check and fail in the first stage that builds the network."""
+    raw["experiments"]["digits_lt"]["model"] = {"preset": "small", "ch": 7}
+    assert error_of(raw) == "params.yaml: experiments.digits_lt.model.ch = 7 is not allowed: must be a multiple of 2"
+    import torch
+
+    from cm.models import build_unet
+
+    net = build_unet({"preset": "small", "ch": 7}, num_classes=10, in_channels=1, image_size=8)
+    with pytest.raises(ValueError, match="must be even"):
+        net(torch.zeros(1, 1, 8, 8), torch.tensor([1]), torch.tensor([0]))

@@ -79,3 +79,10 @@ def test_duplicated_key_stops_snakemake_before_any_job(shared_project, old, new,
     text = shipped.replace(old, new, 1)
     assert text != shipped
     stops_before_any_job(shared_project, text, ("params.yaml: duplicated key", f"'{key}'"))
+
+
+def test_a_negative_seed_on_the_command_line_is_named_with_its_range(shared_project):
+    result = run(["snakemake", "--cores", "all", "--config", "seeds=[-1]"], shared_project, check=False)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0 and "Traceback" not in output, output
+    assert "seeds[0] = -1 is not allowed: must be a number >= 0" in output, output

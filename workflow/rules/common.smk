@@ -13,8 +13,9 @@ from cm.pipeline import CODE, RESOURCES, stage_params, train_processes
 from cm.runlock import FolderBusyError, claim, stale_snakemake_lock
 
 # `--config 'seeds=[0,1,2]'` arrives as strings: Snakemake parses lists with YAML's BaseLoader.
+# Negative ones too, so that the schema names the value's range rather than its type.
 if isinstance(config.get("seeds"), list):
-    config["seeds"] = [int(s) if isinstance(s, str) and s.isdigit() else s for s in config["seeds"]]
+    config["seeds"] = [int(s) if isinstance(s, str) and s.lstrip("+-").isdigit() else s for s in config["seeds"]]
 
 # One clear message for a configuration mistake, before any job is scheduled. Snakemake read the
 # files with plain YAML, which keeps the last of a duplicated key: read them again as the CLI does.
