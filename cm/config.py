@@ -365,20 +365,23 @@ def _check_lora_targets(name: str, experiment: dict, base_dir: Path) -> None:
     meta device: no memory, no weights)."""
     import torch
 
-    targets = experiment["finetune"]["lora"]["target_modules"]
-    if not targets:
-        return  # the family's defaults, which are those the network has
+    lora = experiment["finetune"]["lora"]
+    targets = tuple(lora["target_modules"] or ())  # none: the family's defaults that the network has
     try:
-        from cm.finetune.adapters import LoraSettings, resolve_targets
+        from cm.finetune.adapters import LoraSettings, rank_limit
     except ImportError as err:
         raise ConfigError(f"experiment {name!r} fine-tunes with LoRA: it needs the finetune extra, "
                           f"pip install -e '.[finetune]' ({err})") from None
     with torch.device("meta"):
         net = _network_for_check(experiment, base_dir)
     try:
-        resolve_targets(net, LoraSettings(target_modules=tuple(targets)))
+        limit, layer = rank_limit(net, LoraSettings(target_modules=targets or None))
     except ValueError as err:
         raise ConfigError(f"experiments.{name}.finetune.lora.target_modules: {err}") from None
+    if lora["rank"] > limit:
+        raise ConfigError(f"experiments.{name}.finetune.lora.rank = {lora['rank']} is not allowed: must be at most "
+                          f"{limit}, the largest rank the targeted layer {layer!r} can use (min of its output and "
+                          "input sizes)")
 
 
 def _network_for_check(experiment: dict, base_dir: Path):

@@ -277,3 +277,16 @@ def test_an_odd_width_is_refused_when_params_are_read(raw):
     net = build_unet({"preset": "small", "ch": 7}, num_classes=10, in_channels=1, image_size=8)
     with pytest.raises(ValueError, match="must be even"):
         net(torch.zeros(1, 1, 8, 8), torch.tensor([1]), torch.tensor([0]))
+
+
+def test_a_lora_rank_larger_than_the_targeted_layers_allow_is_refused(raw):
+    """The smallest targeted layer of the fine-tuning experiment's small U-Net is a 3x3 conv with 32
+    output channels (ch 32): B A there has rank at most 32."""
+    raw.update(run=["digits_ft_lt"], methods=["lora", "lora+cm"])
+    lora = raw["experiments"]["digits_ft_lt"]["finetune"]["lora"]
+    lora["rank"] = 32
+    cfg.check_params(raw, base_dir=ROOT)
+    lora["rank"] = 33
+    assert error_of(raw) == (
+        "params.yaml: experiments.digits_ft_lt.finetune.lora.rank = 33 is not allowed: must be at most 32, the "
+        "largest rank the targeted layer 'downblocks.0.conv1' can use (min of its output and input sizes)")

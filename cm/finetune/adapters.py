@@ -144,6 +144,23 @@ def resolve_targets(net: nn.Module, settings: LoraSettings) -> tuple[str, ...]:
     return targets
 
 
+def rank_limit(net: nn.Module, settings: LoraSettings) -> tuple[int, str]:
+    """The largest rank an adapter can use on every targeted layer, and the layer that sets it: B A
+    of a Linear has rank at most min(in, out); a Conv2d's A is a k x k conv to r channels and B a
+    1 x 1 conv back, so min(out, in k k). A larger rank adds parameters that add nothing."""
+    targets = resolve_targets(net, settings)
+    limits = []
+    for name, module in net.named_modules():
+        if any(_matches(name, pattern) for pattern in targets) and _adaptable(module):
+            layer = module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
+            if isinstance(layer, nn.Linear):
+                limits.append((min(layer.in_features, layer.out_features), name))
+            else:
+                fan_in = layer.in_channels // layer.groups * layer.kernel_size[0] * layer.kernel_size[1]
+                limits.append((min(layer.out_channels, fan_in), name))
+    return min(limits)
+
+
 def tuner_layers(net: nn.Module) -> Iterator[tuple[str, BaseTunerLayer]]:
     """(qualified name, peft layer) of every adapted layer of `net`."""
     return ((n, m) for n, m in net.named_modules() if isinstance(m, BaseTunerLayer))
