@@ -148,7 +148,7 @@ def cmd_train(args) -> None:
         raise ConfigError(f"experiment {args.experiment!r} fine-tunes (it has a finetune section): --pretrained "
                           f"must name its pretrain stage's output (results/{args.experiment}/pretrain/model.pt)")
     # resources.train.gpu > 1: the same command again under torchrun, one process per GPU.
-    distributed.relaunch_under_torchrun(train_processes(params))
+    distributed.relaunch_under_torchrun(train_processes(params), params["device"])
     method_params = params["method_params"]
     tracked = {"model": experiment["model"], "train": experiment["train"], "diffusion": experiment["diffusion"],
                "method": {s: method_params[s] for s in param_sections(args.method)}}

@@ -63,3 +63,29 @@ def test_a_rank_without_a_gpu_is_a_config_error_not_an_invalid_ordinal(monkeypat
     with pytest.raises(ConfigError, match=r"local rank 1, but 1 GPU\(s\) are visible: --nproc_per_node must be at "
                                           r"most 1"):
         distributed.init("cuda")
+
+
+def test_the_train_stage_checks_with_params_device(monkeypatch, tmp_path):
+    """`device: cpu` with resources.train.gpu: 2 means 2 gloo processes even where one GPU is visible:
+    the train stage hands params.yaml's device to the GPU-count check."""
+    import yaml
+
+    from cm import cli
+    from tests.conftest import ROOT
+
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["device"] = "cpu"
+    params["resources"]["train"]["gpu"] = 2
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    relaunches = []
+
+    def relaunch(processes, device="auto"):
+        relaunches.append((processes, device))
+        raise SystemExit(0)  # where torchrun would take over
+
+    monkeypatch.setattr(distributed, "relaunch_under_torchrun", relaunch)
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--params", str(tmp_path / "params.yaml"), "--experiment", "digits_lt", "--method", "ddpm",
+                  "--seed", "0", "--manifest", "m.json", "--out", str(tmp_path / "m.pt"), "--history",
+                  str(tmp_path / "h.csv"), "--checkpoints", str(tmp_path / "ckpt")])
+    assert relaunches == [(2, "cpu")]
