@@ -10,7 +10,7 @@ import pytest
 from cm import cli
 from cm import config as cfg
 from tests.conftest import ROOT, VENV_BIN, run
-from tests.test_reliability import checkpoint_steps, set_budget, start, wait_for
+from tests.helpers import checkpoint_steps, set_budget, start, wait_for
 
 
 def subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:

@@ -20,8 +20,7 @@ from cm.methods.cm import signed_class_weights
 from cm.methods.passes import PASSES, SharedEncoder
 from cm.models import build_unet
 from tests.conftest import ROOT
-from tests.test_methods import batch
-from tests.test_unet import randomize
+from tests.helpers import batch, randomize
 
 COUNTS = [8, 4, 2, 1]
 T = 100

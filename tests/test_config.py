@@ -12,6 +12,7 @@ import yaml
 from cm import config as cfg
 from cm.method_names import METHOD_NAMES
 from tests.conftest import ROOT
+from tests.helpers import DUPLICATES, MISTAKES
 
 
 @pytest.fixture
@@ -43,80 +44,6 @@ def test_defaults_are_filled_in(raw):
     assert params["tracking"] == {"enabled": True, "experiment_name": "capacity-manipulation"}
 
 
-# The catalogue of malformed configurations: (edit, key, value, what is allowed) per case.
-MISTAKES = [
-    (lambda r: r["experiments"]["digits_lt"]["train"].update(stepz=5),
-     "experiments.digits_lt.train.stepz", "did you mean 'steps'", "allowed here: adam, batch_size"),
-    (lambda r: r.update(method=["cm"]), "'method'", "did you mean 'methods'", "allowed here"),
-    (lambda r: r["experiments"]["digits_lt"]["train"].update(precision="fp16"),
-     "experiments.digits_lt.train.precision", "'fp16'", "one of fp32, tf32, bf16"),
-    (lambda r: (r["resources"]["train"].update(gpu=2), r["experiments"]["digits_lt"]["train"].update(batch_size=33)),
-     "experiments.digits_lt.train.batch_size = 33", "resources.train.gpu = 2", "multiple of it"),
-    (lambda r: r["experiments"]["digits_lt"]["train"].update(steps="many"),
-     "experiments.digits_lt.train.steps", "'many'", "type integer"),
-    (lambda r: r["experiments"]["digits_lt"]["data"].update(imbalance_ratio=0.5),
-     "experiments.digits_lt.data.imbalance_ratio", "0.5", ">= 1"),
-    (lambda r: r["method_params"]["cm"].update(rank_ratio=0.0),
-     "method_params.cm.rank_ratio", "0.0", "> 0 and <= 1"),
-    (lambda r: r["method_params"]["cm"].update(rank_ratio=1.5),
-     "method_params.cm.rank_ratio", "1.5", "> 0 and <= 1"),
-    (lambda r: r.update(methods=["ddpm", "cbdn"]), "methods[1]", "'cbdn'", "one of ddpm, cbdm, oc, cm"),
-    (lambda r: r.update(methods=["cm+cm"]), "methods[0]", "'cm+cm'", "one of ddpm, cbdm, oc, cm"),
-    (lambda r: r["experiments"]["digits_lt"]["data"].update(source="mnist"),
-     "experiments.digits_lt.data.source", "'mnist'", "one of digits, npz"),
-    (lambda r: r.update(run=["digits"]), "run[0]", "'digits'",
-     "is not an experiment; defined: capacity_ch16, capacity_ch32"),
-    (lambda r: r.update(seeds=[]), "seeds", "[]", "at least 1"),
-    (lambda r: r.update(methods=["cm", "cm"]), "methods", "['cm', 'cm']", "without repeated items"),
-    (lambda r: r["experiments"]["digits_lt"].update(model="huge"),
-     "experiments.digits_lt.model", "'huge'", "one of ddpm_cifar"),
-    (lambda r: r["experiments"]["digits_lt"]["data"].update(source="npz", path="missing.npz"),
-     "experiments.digits_lt.data.path", "'missing.npz'", "not found"),
-    (lambda r: r["experiments"]["digits_lt"]["data"].update(source="npz", path=None),
-     "experiments.digits_lt.data.path", "None", "source npz needs a path"),
-    (lambda r: r.update(methods=[]), "methods", "[]", "at least 1"),
-    (lambda r: r.update(run=[]), "run", "[]", "at least 1"),
-    (lambda r: r.update(seeds=[-1]), "seeds[0]", "-1", ">= 0"),
-    (lambda r: r.update(seeds="0"), "seeds", "'0'", "type array"),
-    (lambda r: r["experiments"]["digits_lt"]["data"].update(hflip="no"),
-     "experiments.digits_lt.data.hflip", "'no'", "type boolean"),
-    (lambda r: r["experiments"]["digits_lt"]["train"].update(label_drop=1.5),
-     "experiments.digits_lt.train.label_drop", "1.5", "<= 1"),
-    (lambda r: r["experiments"]["digits_lt"]["train"].update(ema_decay=1.0),
-     "experiments.digits_lt.train.ema_decay", "1.0", "< 1"),
-    (lambda r: r["experiments"]["digits_lt"]["train"].update(lr=0),
-     "experiments.digits_lt.train.lr", "0", "> 0"),
-    (lambda r: r["experiments"]["digits_lt"]["sample"].update(sampler="euler"),
-     "experiments.digits_lt.sample.sampler", "'euler'", "one of ddim, ddpm"),
-    (lambda r: r["experiments"]["digits_lt"]["sample"].update(guidance=-1),
-     "experiments.digits_lt.sample.guidance", "-1", ">= 0"),
-    (lambda r: r["experiments"]["digits_lt"]["evaluate"].update(feature_extractor="clip"),
-     "experiments.digits_lt.evaluate.feature_extractor", "'clip'", "one of local, inception"),
-    (lambda r: r.update(device="tpu"), "device", "'tpu'", "one of auto, cpu, cuda"),
-    (lambda r: r["tracking"].update(enabled="yes"), "tracking.enabled", "'yes'", "type boolean"),
-    (lambda r: r["experiments"].update({"digits-lt": r["experiments"]["digits_lt"]}),
-     "experiments", "'digits-lt'", "letters, digits and _"),
-    (lambda r: r["method_params"]["cm"].update(**{"lambda": -1}), "method_params.cm.lambda", "-1", ">= 0"),
-    (lambda r: r["method_params"]["cm"].update(passes="one"), "method_params.cm.passes", "'one'",
-     "one of two, shared_encoder"),
-    (lambda r: r["method_params"]["cm"].update(branch_layers="encoder"), "method_params.cm.branch_layers",
-     "'encoder'", "one of decoder, all"),
-    (lambda r: r["method_params"]["cm"].update(branch_scale=0), "method_params.cm.branch_scale", "0", "> 0"),
-    (lambda r: r["method_params"]["cm"].update(passes="shared_encoder", branch_layers="all"),
-     "method_params.cm.passes", "'shared_encoder'", "branch_layers: decoder"),
-    (lambda r: r.update(theta_g_only=["ddpm"]), "theta_g_only[0]", "'ddpm'", "no low-rank branches to drop"),
-    (lambda r: r["method_params"]["cbdm"].update(label_prior="flat"),
-     "method_params.cbdm.label_prior", "'flat'", "one of frequency, uniform"),
-    (lambda r: r["experiments"]["digits_lt"]["diffusion"].update(beta_start=0.05),
-     "experiments.digits_lt.diffusion.beta_start", "0.05", "must be < beta_end"),
-    (lambda r: r["experiments"]["digits_lt"]["data"].update(imbalance_ratio=500),
-     "experiments.digits_lt.data.imbalance_ratio", "500", "without an image: must be <= 174"),
-    (lambda r: r["experiments"]["digits_lt"]["sample"].update(per_class=10**10),
-     "experiments.digits_lt.sample.per_class", "10000000000", "more than half of this machine's memory"),
-    (lambda r: r["experiments"]["digits_lt"].pop("data"), "experiments.digits_lt", "'data'", "required"),
-]
-
-
 @pytest.mark.parametrize("edit, key, value, allowed", MISTAKES)
 def test_mistakes_name_key_value_and_what_is_allowed(raw, edit, key, value, allowed):
     edit(raw)
@@ -136,13 +63,6 @@ def test_each_mistake_ends_the_cli_in_one_line(tmp_path, raw, edit, key, value, 
     (line,) = result.stderr.strip().splitlines()
     assert line.startswith("error: ") and key in line and value in line and allowed in line
     assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]  # nothing written
-
-
-# Duplicated keys, as (text to replace, replacement, the key named in the error).
-DUPLICATES = [
-    ("seeds: [0]", "seeds: [0]\nseeds: [1]", "seeds"),
-    ("experiments:\n", "experiments:\n  digits_lt: {data: {source: digits}, model: tiny}\n", "digits_lt"),
-]
 
 
 @pytest.mark.parametrize("old, new, key", DUPLICATES)

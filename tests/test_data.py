@@ -8,11 +8,9 @@ import pytest
 from cm.data import DataError, build_manifest, load_training_set
 from cm.data.profiles import exponential_counts, many_medium_few, profile_counts, select_long_tailed
 from tests.conftest import SHARED_CIFAR
+from tests.helpers import CIFAR10_LT_100
 
 OFFICIAL_LABELS = SHARED_CIFAR.parent.parent / "cifar_labels" / "official_order.npz"
-
-# Published per-class counts (docs/experiments.md; Cao et al. 2019).
-CIFAR10_LT_100 = [5000, 2997, 1796, 1077, 645, 387, 232, 139, 83, 50]
 
 
 def digits(ratio=10, seed=0, **more):

@@ -25,7 +25,7 @@ import yaml
 
 from cm import io
 from tests.conftest import run
-from tests.test_reliability import checkpoint_steps, same_weights, start, wait_for
+from tests.helpers import checkpoint_steps, same_weights, start, wait_for
 
 pytestmark = pytest.mark.e2e
 

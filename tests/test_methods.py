@@ -11,7 +11,7 @@ from cm.lowrank import LowRankConv2d, branches
 from cm.methods import build_method
 from cm.methods.cm import signed_class_weights
 from cm.models import build_unet
-from tests.test_data import CIFAR10_LT_100
+from tests.helpers import CIFAR10_LT_100, batch
 
 CM_PARAMS = {"rank_ratio": 0.25, "w_con": 1.0, "w_div": 0.2, "lambda": 1.0}
 
@@ -24,11 +24,6 @@ def make(name, counts=(8, 4, 2, 1), params=None, label_drop=0.0):
     net = build_unet("tiny", num_classes=len(counts), in_channels=1, image_size=8)
     method.prepare(net)
     return method, net, diffusion
-
-
-def batch(n=6, classes=4):
-    gen = torch.Generator().manual_seed(1)
-    return torch.randn(n, 1, 8, 8, generator=gen), torch.arange(n) % classes
 
 
 def test_ddpm_loss_is_eps_mse_with_the_same_draws():

@@ -11,7 +11,7 @@ from cm.diffusion import GaussianDiffusion
 from cm.methods import build_method
 from cm.methods.cbdm import label_distribution
 from cm.models import build_unet
-from tests.test_methods import batch
+from tests.helpers import batch
 
 COUNTS = [8, 4, 2, 1]
 T = 100

@@ -22,7 +22,7 @@ from cm.methods import (
 )
 from cm.methods.cm import CapacityManipulation, signed_class_weights
 from cm.models import build_unet
-from tests.test_data import CIFAR10_LT_100
+from tests.helpers import CIFAR10_LT_100
 
 BASES = ("ddpm", "cbdm", "oc")
 ALL = {"cm": {"rank_ratio": 0.25, "w_con": 1.0, "w_div": 0.2, "lambda": 0.5},

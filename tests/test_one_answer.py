@@ -8,8 +8,6 @@ would give other weights (the test shows that it does) and every number downstre
 
 from __future__ import annotations
 
-import hashlib
-import json
 import shutil
 from concurrent.futures import ThreadPoolExecutor
 
@@ -19,9 +17,9 @@ import yaml
 
 from cm import io
 from tests.conftest import run
+from tests.helpers import EXP, assert_same_numbers, numbers, outputs
 
 pytestmark = pytest.mark.e2e
-EXP = "results/digits_lt"
 METRICS = f"{EXP}/metrics/cm/seed0.json"
 
 
@@ -38,31 +36,6 @@ def shrink(project):
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     git = ["git", "-c", "user.email=ci@localhost", "-c", "user.name=ci"]
     run(git + ["commit", "-qam", "shrink"], project)
-
-
-def outputs(project) -> dict[str, str]:
-    """{path: sha256} of every file the stages wrote (not their resume folders)."""
-    files = [p for p in (project / EXP).rglob("*") if p.is_file()
-             and not {"checkpoints", "partial"} & set(p.relative_to(project).parts)]
-    return {str(p.relative_to(project)): hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
-
-
-def numbers(project) -> dict:
-    """The metrics (parsed JSON) and sample arrays of every run of a finished pipeline."""
-    found = {str(p.relative_to(project / EXP)): json.loads(p.read_text())
-             for p in sorted((project / EXP / "metrics").rglob("seed*.json"))}
-    for path in sorted((project / EXP / "samples").rglob("samples.npz")):
-        found.update({f"{path.relative_to(project / EXP)} {key}": value for key, value in io.load_npz(path).items()})
-    return found
-
-
-def assert_same_numbers(a: dict, b: dict, what: str) -> None:
-    assert a.keys() == b.keys(), what
-    for key in a:
-        if isinstance(a[key], np.ndarray):
-            assert a[key].dtype == b[key].dtype and np.array_equal(a[key], b[key]), f"{what}: {key}"
-        else:
-            assert a[key] == b[key], f"{what}: {key}"  # exact float equality, metric by metric
 
 
 def test_snakemake_at_any_core_count_and_dvc_repro_give_the_same_bits(project, tmp_path):

@@ -2,21 +2,19 @@
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
-import math
 import re
 import shutil
 import subprocess
 
 import matplotlib.image
 import mlflow
-import numpy as np
 import pytest
 
 from cm import io
 from tests.conftest import copy_run, run
+from tests.helpers import check_products, dvc_is_clean
 
 pytestmark = pytest.mark.e2e
 STAGE_RUNS = {"prepare_data": 1, "pretrain": 1, "train_evaluator": 1, "reference_features": 1, "train": 2, "merge": 2,
@@ -26,42 +24,6 @@ STAGE_RUNS = {"prepare_data": 1, "pretrain": 1, "train_evaluator": 1, "reference
 def stage_runs(project):
     mlflow.set_tracking_uri(f"sqlite:///{project / 'mlflow.db'}")
     return mlflow.search_runs(experiment_names=["capacity-manipulation"], output_format="list")
-
-
-def check_products(project):
-    """The report, grids, merged weights and samples an orchestrator must have produced."""
-    exp = project / "results" / "digits_lt"
-    rows = list(csv.DictReader((exp / "report" / "summary.csv").open()))
-    assert [row["method"] for row in rows] == ["ddpm", "cm"]
-    for row in rows:
-        for col in ("fid", "kid", "fid_many", "fid_medium", "fid_few", "acc_few", "precision", "recall",
-                    "fid_floor", "fid_few_floor"):
-            assert math.isfinite(float(row[col])), col
-        assert row["feature_extractor"] == "local"
-    manifest = io.read_json(exp / "data" / "manifest.json")
-    for method in ("ddpm", "cm"):
-        grid = matplotlib.image.imread(exp / "report" / "grids" / f"{method}.png")
-        assert grid.ndim == 3 and grid.shape[0] > 100
-        samples = io.load_npz(exp / "samples" / method / "seed0" / "samples.npz")
-        assert np.bincount(samples["labels"]).tolist() == [12] * manifest["num_classes"]  # balanced
-        assert samples["images"].dtype == np.uint8 and samples["images"].shape[1:] == (8, 8, 1)
-    merged = {m: io.load_torch(exp / "merged" / m / "seed0" / "model.pt")["state_dict"] for m in ("ddpm", "cm")}
-    assert {k: v.shape for k, v in merged["cm"].items()} == {k: v.shape for k, v in merged["ddpm"].items()}
-    trained = io.load_torch(exp / "train" / "cm" / "seed0" / "model.pt")["ema"]
-    assert any(k.endswith(".A") for k in trained) and not any(k.endswith(".A") for k in merged["cm"])
-    probes = {m: io.read_json(exp / "probe" / m / "seed0.json") for m in ("ddpm", "cm")}
-    assert probes["ddpm"]["theta_g"] is None and len(probes["cm"]["theta_g"]["relative_change"]) == 10
-    assert probes["cm"]["pruning"]["prune"]["zeroed"] == round(0.1 * probes["cm"]["pruning"]["prune"]["considered"])
-    assert matplotlib.image.imread(exp / "report" / "probe.png").shape[0] > 100
-    assert "## Capacity probes" in (exp / "report" / "summary.md").read_text()
-    assert matplotlib.image.imread(exp / "report" / "training_curves.png").shape[0] > 100
-    curves = list(csv.DictReader((exp / "report" / "training_loss.csv").open()))
-    history = list(csv.DictReader((exp / "history" / "cm" / "seed0.csv").open()))
-    assert len(curves) == 2 * len(history) * manifest["num_classes"]  # (method, logged step, class)
-
-
-def dvc_is_clean(project):
-    return "Data and pipelines are up to date" in run(["dvc", "status"], project).stdout
 
 
 def test_snakemake_runs_everything_registers_with_dvc_and_tracks_in_mlflow(snakemake_run, tmp_path):

@@ -19,47 +19,16 @@ import yaml
 
 from cm import io
 from tests.conftest import VENV_BIN, copy_project, copy_run, run
+from tests.helpers import checkpoint_steps, same_weights, set_budget, start, wait_for
 
 pytestmark = pytest.mark.e2e
 TRAIN = "results/digits_lt/train/cm/seed0"
-
-
-def set_budget(project, **train):
-    params = yaml.safe_load((project / "params.yaml").read_text())
-    params["experiments"]["digits_lt"]["train"].update(train)
-    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
 
 def train_cmd(out_dir, checkpoints):
     return [str(VENV_BIN / "python"), "-m", "cm", "train", "--experiment", "digits_lt", "--method", "cm",
             "--seed", "0", "--manifest", "results/digits_lt/data/manifest.json",
             "--out", f"{out_dir}/model.pt", "--history", f"{out_dir}/history.csv", "--checkpoints", checkpoints]
-
-
-def wait_for(predicate, timeout=120, what="condition"):
-    deadline = time.time() + timeout
-    while not predicate():
-        assert time.time() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
-
-
-def start(cmd, cwd):
-    env = {**os.environ, "PATH": f"{VENV_BIN}{os.pathsep}{os.environ['PATH']}", "CM_PROGRESS": "0",
-           "DVC_NO_ANALYTICS": "1"}
-    for var in ("MLFLOW_TRACKING_URI", "MLFLOW_RUN_ID", "CM_PIPELINE_ID"):
-        env.pop(var, None)
-    # A suite started in the background of a shell inherits SIGINT ignored; a terminal's job does not.
-    return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-
-
-def checkpoint_steps(folder: Path) -> list[int]:
-    return sorted(int(p.stem.split("_")[1]) for p in folder.rglob("step_*.pt"))
-
-
-def same_weights(a: Path, b: Path) -> bool:
-    sa, sb = io.load_torch(a), io.load_torch(b)
-    return all(torch.equal(sa[part][k], sb[part][k]) for part in ("state_dict", "ema") for k in sa[part])
 
 
 @pytest.fixture(scope="module")

@@ -8,8 +8,7 @@ import subprocess
 import pytest
 
 from tests.conftest import run
-from tests.test_one_answer import assert_same_numbers, numbers, outputs
-from tests.test_pipeline import check_products, dvc_is_clean
+from tests.helpers import assert_same_numbers, check_products, dvc_is_clean, numbers, outputs
 
 
 def cluster_is_up() -> bool:

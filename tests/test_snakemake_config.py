@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from tests.conftest import ROOT, run
-from tests.test_config import DUPLICATES, MISTAKES
+from tests.helpers import DUPLICATES, MISTAKES
 
 pytestmark = pytest.mark.e2e
 

@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from cm.models import NULL_LABEL, PRESETS, UNet, build_unet
+from tests.helpers import randomize
 
 # (in_channels, image_size) each preset is meant for.
 SHAPES = {"ddpm_cifar": (3, 32), "small": (1, 8), "tiny": (3, 16), "cifar_small": (3, 32)}
@@ -13,16 +14,6 @@ PYTORCH_DDPM_UNCOND = 35_746_307  # trainable params of pytorch-ddpm's CIFAR-10 
 
 def n_params(model):
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
-
-
-def randomize(model, seed=0):
-    """Undo the 1e-5 residual/tail init so conditioning has a visible effect."""
-    torch.manual_seed(seed)
-    for m in model.modules():
-        if isinstance(m, (nn.Conv2d, nn.Linear)):
-            nn.init.xavier_uniform_(m.weight)
-            nn.init.normal_(m.bias, std=0.1)
-    return model
 
 
 def test_ddpm_cifar_param_counts():
