@@ -8,7 +8,6 @@ would give other weights (the test shows that it does) and every number downstre
 
 from __future__ import annotations
 
-import shutil
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -16,7 +15,7 @@ import pytest
 import yaml
 
 from cm import io
-from tests.conftest import run
+from tests.conftest import copy_run, run
 from tests.helpers import EXP, assert_same_numbers, numbers, outputs
 
 pytestmark = pytest.mark.e2e
@@ -42,7 +41,7 @@ def test_snakemake_at_any_core_count_and_dvc_repro_give_the_same_bits(project, t
     shrink(project)
     copies = {"cores_all": project, "cores_1": tmp_path / "cores_1", "dvc": tmp_path / "dvc"}
     for name in ("cores_1", "dvc"):
-        shutil.copytree(project, copies[name], symlinks=True)
+        copy_run(project, copies[name])
     commands = {"cores_all": ["snakemake", "--cores", "all", METRICS],
                 "cores_1": ["snakemake", "--cores", "1", METRICS],
                 "dvc": ["dvc", "repro", "--quiet", "evaluate@digits_lt-cm-0"]}
