@@ -24,6 +24,7 @@ import torch
 from step_time import machine_name, make_step, time_interleaved
 from torch.utils.flop_counter import FlopCounterMode
 
+from cm import accel
 from cm import config as cfg
 from cm.data import build_manifest
 from cm.data.profiles import exponential_counts
@@ -31,7 +32,7 @@ from cm.evaluate import evaluate, reference_features, train_evaluator
 from cm.merge import merge
 from cm.methods import METHOD_NAMES, parse_method
 from cm.sample import sample
-from cm.train import resolve_device, train
+from cm.train import train
 
 MODES = ("two", "shared_encoder")
 CM_NAMES = [name for name in METHOD_NAMES if parse_method(name).variant is not None]
@@ -106,7 +107,7 @@ def quality(args, work: Path) -> None:
     params = cfg.load_params(args.params)
     experiment = copy.deepcopy(cfg.experiment(params, args.experiment))
     experiment["train"]["steps"] = args.train_steps
-    device = str(resolve_device(params["device"]))
+    device = str(accel.resolve_device(params["device"]))
     manifest = build_manifest(experiment["data"])
     report = shared_reference(experiment, work, device)
     print(f"\n(b) quality: {args.experiment}, preset {experiment['model']}, {args.train_steps} steps, seeds "

@@ -5,7 +5,7 @@ the imbalance ratio?
 
 For each ratio and seed: the digits set with the exponential profile at that ratio, DDPM trained
 `--steps` steps (the default experiment's settings otherwise, `small` U-Net, one thread), then the
-probe stage's gradient dominance (cm/probe.py) with the default probe settings. Prints the share
+probe stage's gradient dominance (cm/probe) with the default probe settings. Prints the share
 per block and overall, and the mean over seeds per ratio. A fixed budget for every ratio, so only
 the class balance differs (the set is smaller at higher ratios: the head class keeps its images).
 """
@@ -22,9 +22,10 @@ import numpy as np
 import torch
 
 from cm import config as cfg
+from cm.checkpoint import load_trained
 from cm.data import build_manifest, load_training_set
 from cm.diffusion import GaussianDiffusion
-from cm.probe import as_model_inputs, gradient_dominance, load_trained_network
+from cm.probe import as_model_inputs, gradient_dominance
 from cm.train import train
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -39,7 +40,7 @@ def measure(ratio: float, seed: int, steps: int, params: dict, folder: Path) -> 
     train(manifest=manifest, experiment=experiment, method_name="ddpm", method_params=params["method_params"],
           seed=seed, out=out / "model.pt", checkpoint_root=out / "ckpt", history_out=out / "history.csv",
           device="cpu", progress=False)
-    net, _ = load_trained_network(out / "model.pt")
+    net, _ = load_trained(out / "model.pt")
     data = load_training_set(manifest)
     images, labels = as_model_inputs(data.images, data.labels)
     probe = experiment["probe"]

@@ -7,7 +7,7 @@ No data set is read and nothing is downloaded: the images are random uint8-like 
 scaled to [-1, 1], the labels random over 10 classes, the class counts CIFAR-10-LT's (5000 .. 50).
 On the `ddpm_cifar` U-Net (35.7 M parameters) it measures:
 
-  1. training steps/s of cm.train.Trainer.step (the real loop's step: autocast, clipping, Adam,
+  1. training steps/s of cm.trainer.Trainer.step (the real loop's step: autocast, clipping, Adam,
      EMA) at batch 64 and 128 for ddpm, cm (two passes), cm with the shared encoder, cm+oc and
      cbdm, each in fp32, bf16 and bf16 + torch.compile, with the peak GPU memory of each
      configuration; compile time is printed on its own, outside steps/s;
@@ -72,7 +72,7 @@ from cm.diffusion import GaussianDiffusion
 from cm.method_names import parse_method
 from cm.methods import PARAM_DEFAULTS, build_method
 from cm.models import build_unet
-from cm.train import Trainer
+from cm.trainer import Trainer
 
 NUM_CLASSES, CHANNELS = 10, 3
 CLASS_COUNTS = exponential_counts(5000, NUM_CLASSES, 100)  # CIFAR-10-LT, imbalance ratio 100

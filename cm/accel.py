@@ -1,8 +1,9 @@
-"""How a network runs on its device: precision, memory layout, torch.compile and the Adam kernel.
+"""How a network runs on its device: the device, precision, memory layout, torch.compile and the
+Adam kernel.
 
-These are the `precision`, `channels_last`, `compile` (train and sample) and `adam` (train) settings
-of an experiment. Their defaults (fp32, false, false, auto) compute exactly what the pipeline
-computed before they existed, on the CPU bit for bit.
+These are params.yaml's `device` and the `precision`, `channels_last`, `compile` (train and sample)
+and `adam` (train) settings of an experiment. Their defaults (fp32, false, false, auto) are plain
+eager float32 with PyTorch's default Adam on the CPU: the numbers dvc.lock holds, bit for bit.
 
     precision  fp32  float32 everywhere
                tf32  float32 storage; on CUDA, matmuls and convolutions on TF32 tensor cores
@@ -29,6 +30,15 @@ from torch import nn
 
 PRECISIONS = ("fp32", "tf32", "bf16")
 ADAM_KERNELS = ("auto", "fused", "foreach")
+
+
+def resolve_device(name: str) -> torch.device:
+    """params.yaml's `device` as a torch device: `auto` is CUDA where one is visible, else the CPU."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device = 'cuda' is not allowed here: no CUDA device is visible; use auto or cpu")
+    return torch.device(name)
 
 
 def configure_backends(precision: str, device: torch.device) -> None:
@@ -77,7 +87,7 @@ def to_layout(x: torch.Tensor, channels_last: bool, *, contiguous: bool = False)
 
 def make_adam(params, *, lr: float, kernel: str, device: torch.device) -> torch.optim.Adam:
     """Adam with the kernel asked for; `auto` = fused on CUDA, PyTorch's default elsewhere (on the CPU
-    that keeps earlier results bit for bit; the fused CPU kernel rounds differently)."""
+    the numbers dvc.lock holds come from the default kernel; the fused CPU kernel rounds differently)."""
     if kernel not in ADAM_KERNELS:
         raise ValueError(f"adam = {kernel!r} is not allowed: one of {', '.join(ADAM_KERNELS)}")
     if kernel == "auto":

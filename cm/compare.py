@@ -10,7 +10,8 @@ from pathlib import Path
 from cm import config as cfg
 from cm import io
 from cm.errors import ConfigError, DataError
-from cm.report import pyplot, save_figure, to_csv
+from cm.report.figures import pyplot, save_figure
+from cm.report.tables import to_csv
 
 COLUMNS = ["fid", "fid_many", "fid_medium", "fid_few"]
 OUTPUTS = ("summary.csv", "summary.md", "sweep.png")

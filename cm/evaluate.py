@@ -86,7 +86,7 @@ def features(experiment: dict, classifier, images: np.ndarray,
 
     # Never falls back silently; refuses a file whose sha256 is not the mode's published one.
     extractor = load_inception(cfg["inception_weights"], device=device, mode=cfg["fid_mode"])
-    # The resize runs on the stage's CPU threads (resources.evaluate.threads, which cm/cli.py gives
+    # The resize runs on the stage's CPU threads (resources.evaluate.threads, which cm/threads.py gives
     # torch); each image is resized alone, so the count changes no number.
     feats, logits = inception_features(extractor, images, device=device, logits=True,
                                        num_workers=torch.get_num_threads())

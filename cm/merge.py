@@ -13,44 +13,13 @@ from pathlib import Path
 
 import torch
 
-from cm import io
+from cm import checkpoint
+from cm.checkpoint import build_network, has_reserved_capacity
 from cm.errors import ConfigError
-from cm.lowrank import add_lowrank_branches, branches_disabled, merge_lowrank
-from cm.models import build_model
+from cm.lowrank import branches_disabled, merge_lowrank
 
-MERGED_FORMAT = "cm.merged/1"
 FLOAT64_TOL = 1e-10   # relative to the output's scale
 FLOAT32_TOL = 1e-5    # the branch forward already convolves with W_g + BA, so float32 agrees closely
-
-
-def build_network(config: dict, with_branches: bool = True) -> torch.nn.Module:
-    """Rebuild the U-Net described by a checkpoint's config, with its branches when it has some."""
-    net = build_model(config)
-    if with_branches and config.get("rank_ratio"):
-        # Checkpoints from before branch_scale / branch_layers existed used the released values.
-        add_lowrank_branches(net, config["rank_ratio"], scale=config.get("branch_scale", 1.0),
-                             layers=config.get("branch_layers", "decoder"))
-    if with_branches and config.get("lora"):  # a fine-tuning's adapters (peft, the finetune extra)
-        from cm.finetune import attach
-        from cm.methods.lora import lora_settings
-
-        attach(net, lora_settings(config["lora"]), tuple(config["lora"]["adapters"]))
-    return net
-
-
-def has_reserved_capacity(config: dict) -> bool:
-    """Whether a trained checkpoint has CM's reserved capacity, which theta_g drops: low-rank branches,
-    or the `expert` LoRA adapter of a fine-tuning."""
-    return bool(config.get("rank_ratio")) or "expert" in (config.get("lora") or {}).get("adapters", ())
-
-
-def load_checkpoint(path: str | Path, expected_format: str) -> dict:
-    """Load a checkpoint safely and check it is the kind of file the stage needs."""
-    state = io.load_torch(path)
-    if not isinstance(state, dict) or state.get("format") != expected_format:
-        found = state.get("format") if isinstance(state, dict) else type(state).__name__
-        raise io.CorruptFileError(f"{path}: expected a {expected_format} checkpoint, found {found!r}")
-    return state
 
 
 def _relative_gap(net_a, net_b, config: dict, seed: int = 0) -> float:
@@ -92,7 +61,7 @@ def _as_merged(net: torch.nn.Module, config: dict, drop_branches: bool):
 
 def merge(model_path: str | Path, out: str | Path, *, drop_branches: bool = False) -> dict:
     """Merge the EMA weights of a trained checkpoint into a plain U-Net checkpoint `out`."""
-    state = load_checkpoint(model_path, "cm.model/1")
+    state = checkpoint.load(model_path, checkpoint.MODEL)
     config = state["config"]
     has_branches = bool(config.get("rank_ratio") or config.get("lora"))  # anything to merge
     if drop_branches and not has_reserved_capacity(config):
@@ -112,16 +81,7 @@ def merge(model_path: str | Path, out: str | Path, *, drop_branches: bool = Fals
         if report["gap_float64"] > FLOAT64_TOL or report["gap_float32"] > FLOAT32_TOL:
             raise RuntimeError(f"{model_path}: merged and unmerged outputs differ: {report}")
     plain_config = {k: v for k, v in config.items() if k != "lora"}  # a plain U-Net, whatever trained it
-    codec = {"codec": state["codec"]} if state.get("codec") else {}  # a latent model's VAE, for sampling
-    io.save_torch(out, {"format": MERGED_FORMAT, "config": {**plain_config, "rank_ratio": None},
-                        "method": state["method"], "step": state["step"],
-                        "state_dict": plain.state_dict(), "merge": report, **codec})
+    checkpoint.save_merged(out, config={**plain_config, "rank_ratio": None}, method=state["method"],
+                           step=state["step"], state_dict=plain.state_dict(), merge=report,
+                           codec=state.get("codec"))  # a latent model's VAE, for sampling
     return report
-
-
-def load_merged(path: str | Path) -> tuple[torch.nn.Module, dict]:
-    """The plain U-Net of a merged checkpoint, in eval mode, and the checkpoint's metadata."""
-    state = load_checkpoint(path, MERGED_FORMAT)
-    net = build_network(state["config"], with_branches=False)
-    net.load_state_dict(state["state_dict"])
-    return net.eval(), {k: v for k, v in state.items() if k != "state_dict"}

@@ -8,22 +8,23 @@ tracking), so a change to, say, the report does not retrain models.
 
 from __future__ import annotations
 
+from cm.config import MERGED_BLOCKS
 from cm.method_names import param_sections
 
 CODE = {
     "prepare_data": ["cm/data"],
     "train_evaluator": ["cm/data", "cm/metrics", "cm/evaluate.py"],
     "reference_features": ["cm/data", "cm/metrics", "cm/evaluate.py"],
-    "pretrain": ["cm/accel.py", "cm/data", "cm/diffusion.py", "cm/distributed.py", "cm/finetune", "cm/methods",
-                 "cm/models", "cm/pretrain.py", "cm/train.py"],
-    "train": ["cm/accel.py", "cm/data", "cm/diffusion.py", "cm/distributed.py", "cm/finetune", "cm/lowrank.py",
-              "cm/methods", "cm/models", "cm/pretrain.py", "cm/train.py"],
-    "merge": ["cm/finetune", "cm/lowrank.py", "cm/merge.py", "cm/models"],
-    "sample": ["cm/accel.py", "cm/diffusion.py", "cm/finetune", "cm/merge.py", "cm/models", "cm/sample.py"],
+    "pretrain": ["cm/accel.py", "cm/checkpoint.py", "cm/data", "cm/diffusion.py", "cm/distributed.py", "cm/finetune",
+                 "cm/methods", "cm/models", "cm/pretrain.py", "cm/train.py", "cm/trainer.py"],
+    "train": ["cm/accel.py", "cm/checkpoint.py", "cm/data", "cm/diffusion.py", "cm/distributed.py", "cm/finetune",
+              "cm/lowrank.py", "cm/methods", "cm/models", "cm/train.py", "cm/trainer.py"],
+    "merge": ["cm/checkpoint.py", "cm/finetune", "cm/lowrank.py", "cm/merge.py", "cm/models"],
+    "sample": ["cm/accel.py", "cm/checkpoint.py", "cm/diffusion.py", "cm/finetune", "cm/models", "cm/sample.py"],
     "evaluate": ["cm/evaluate.py", "cm/metrics"],
-    "probe": ["cm/data", "cm/diffusion.py", "cm/finetune", "cm/lowrank.py", "cm/merge.py", "cm/models",
-              "cm/probe.py"],
-    "report": ["cm/report.py"],
+    "probe": ["cm/checkpoint.py", "cm/data", "cm/diffusion.py", "cm/finetune", "cm/lowrank.py", "cm/models",
+              "cm/probe"],
+    "report": ["cm/report"],
 }
 
 # The params.yaml `resources` entry of each stage. Its `threads` is the count the stage computes
@@ -87,8 +88,29 @@ def param_keys(stage: str, **wildcards) -> list[str]:
 
 
 def stage_params(params: dict, stage: str, **wildcards) -> dict:
-    """The values of a stage's parameters for one job: Snakemake's rerun trigger."""
+    """The values of a stage's parameters for one job (experiments completed from `defaults`):
+    Snakemake's rerun trigger."""
     return {key: lookup(params, key) for key in param_keys(stage, **wildcards)}
+
+
+def dvc_param_keys(stage: str, **wildcards) -> list[str]:
+    """The params.yaml keys DVC tracks for a job. DVC reads params.yaml as written, so where a stage
+    reads an experiment's setting it tracks the `defaults` value and the experiment's block that may
+    change it; a fine-tuning's pretraining also takes the defaults' data and train blocks. A key
+    inside another tracked key is left out."""
+    keys = []
+    for key in param_keys(stage, **wildcards):
+        parts = key.split(".")
+        if parts[0] != "experiments":
+            keys.append(key)
+            continue
+        block = parts[2]
+        if block in MERGED_BLOCKS:
+            keys.append(".".join(["defaults", block, *parts[3:]]))
+        if block == "finetune":
+            keys += ["defaults.finetune", "defaults.data", "defaults.train"]
+        keys.append(".".join(parts[:3]))
+    return [key for key in dict.fromkeys(keys) if not any(key.startswith(other + ".") for other in keys)]
 
 
 def dvc_stage_names(params: dict, experiment: str) -> list[str]:

@@ -13,11 +13,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from cm import io
-from cm.errors import DataError
-
-FROM_SCRATCH = "cm.from_scratch/1"  # the record of an experiment without `finetune`
-PRETRAINED = "cm.model/1"           # a training's final checkpoint (cm/train.py), EMA weights in `ema`
+from cm import checkpoint, io
 
 
 def pretrain(*, experiment: dict, out: Path, checkpoint_root: Path, history_out: Path, device: str = "auto",
@@ -28,7 +24,7 @@ def pretrain(*, experiment: dict, out: Path, checkpoint_root: Path, history_out:
 
     finetune = experiment.get("finetune")
     if finetune is None:
-        io.save_torch(out, {"format": FROM_SCRATCH})
+        checkpoint.save_from_scratch(out)
         io.write_text(history_out, "step\n")
         return {"pretrained": 0}
     if finetune.get("diffusers"):
@@ -53,19 +49,7 @@ def _from_diffusers_folder(experiment: dict, out: Path, history_out: Path) -> di
     record = starting_model(settings["path"], class_names=names, prompt=settings["prompt"],
                             image_shape=(channels, height))
     files = sorted(p for p in Path(settings["path"]).rglob("*") if p.is_file())
-    io.save_torch(out, {"format": PRETRAINED, **record, "method": "pretrained", "step": 0,
-                        "source": {str(p.relative_to(settings["path"])): io.file_sha256(p) for p in files}})
+    checkpoint.save_pretrained(out, record, {str(p.relative_to(settings["path"])): io.file_sha256(p) for p in files})
     io.write_text(history_out, "step\n")
     return {"pretrained": 1, "parameters": sum(v.numel() for v in record["ema"].values())}
 
-
-def load_pretrained(path: str | Path) -> dict | None:
-    """The EMA weights, model config and latent codec (None: pixels) of a pretrain stage's output
-    ({"ema", "config", "codec"}), or None when the experiment trains from scratch."""
-    state = io.load_torch(path)
-    if state.get("format") == FROM_SCRATCH:
-        return None
-    if state.get("format") != PRETRAINED or "ema" not in state:
-        raise DataError(f"{path}: not a pretrain stage's output (format {state.get('format')!r}); "
-                        f"run the experiment's pretrain stage again")
-    return {"ema": state["ema"], "config": state["config"], "codec": state.get("codec")}

@@ -21,10 +21,9 @@ import torch
 from tqdm import tqdm
 
 from cm import accel, io
+from cm.checkpoint import load_merged
 from cm.data.images import to_uint8
 from cm.diffusion import GaussianDiffusion
-from cm.merge import load_merged
-from cm.train import resolve_device
 
 
 def to_unit_float(x: torch.Tensor) -> np.ndarray:
@@ -74,7 +73,7 @@ def sample(*, merged_path: str | Path, out: str | Path, experiment: dict, seed: 
     """Generate `per_class` images of every class and write them (NHWC, uint8 or with
     `sample.quantize: false` float32 in [0, 1]; and labels) to `out`."""
     cfg = experiment["sample"]
-    dev = resolve_device(device)
+    dev = accel.resolve_device(device)
     net, meta = load_merged(merged_path)
     net.to(dev)
     accel.configure_backends(cfg["precision"], dev)

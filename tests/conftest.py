@@ -49,7 +49,7 @@ def tiny_budgets(params: dict, experiment: str = "digits_lt") -> dict:
     exp["diffusion"]["timesteps"] = 100
     exp["train"].update(steps=30, checkpoint_every=10, log_every=10, warmup_steps=5, batch_size=32)
     exp["sample"].update(per_class=12, steps=5, batch_size=60)
-    exp["evaluate"]["feature_net"].update(steps=60)
+    exp["evaluate"].setdefault("feature_net", {}).update(steps=60)
     exp["evaluate"].update(kid_subsets=5)
     return params
 

@@ -209,11 +209,33 @@ MISTAKES = [
     (lambda r: r["experiments"]["digits_lt"]["sample"].update(per_class=10**10),
      "experiments.digits_lt.sample.per_class", "10000000000", "more than half of this machine's memory"),
     (lambda r: r["experiments"]["digits_lt"].pop("data"), "experiments.digits_lt", "'data'", "required"),
+    (lambda r: r["experiments"]["digits_lt"]["evaluate"].update(feature_extractor="inception",
+                                                               inception_weights="missing.pt"),
+     "experiments.digits_lt.evaluate.inception_weights", "'missing.pt'", "missing.pt does not exist"),
+    (lambda r: r["experiments"]["digits_lt"]["evaluate"].update(feature_extractor="inception",
+                                                               inception_weights="params.yaml"),
+     "experiments.digits_lt.evaluate.inception_weights", "'params.yaml'",
+     "not clean-fid's TorchScript Inception for evaluate.fid_mode clean"),
 ]
 
 
 # Duplicated keys, as (text to replace, replacement, the key named in the error).
 DUPLICATES = [
-    ("seeds: [0]", "seeds: [0]\nseeds: [1]", "seeds"),
+    ("method_params:", "seeds: [1]\nmethod_params:", "seeds"),
     ("experiments:\n", "experiments:\n  digits_lt: {data: {source: digits}, model: tiny}\n", "digits_lt"),
 ]
+
+
+def stand_in_inception_weights(monkeypatch, folder: Path) -> Path:
+    """A file that the configuration check takes for the published Inception weights of both FID
+    modes (their sha256 is set to its own): the real files are not available offline."""
+    import dataclasses
+
+    import cm.metrics.inception as inception
+
+    path = folder / "inception-stand-in.pt"
+    path.write_bytes(os.urandom(1024))
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    monkeypatch.setattr(inception, "WEIGHTS", {mode: dataclasses.replace(w, sha256=digest)
+                                               for mode, w in inception.WEIGHTS.items()})
+    return path

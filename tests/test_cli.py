@@ -9,6 +9,7 @@ import pytest
 
 from cm import cli
 from cm import config as cfg
+from cm.threads import stage_threads
 from tests.conftest import ROOT, VENV_BIN, run
 from tests.helpers import checkpoint_steps, set_budget, start, wait_for
 
@@ -40,19 +41,19 @@ def test_the_thread_count_comes_from_params_yaml_and_never_from_the_machine(capl
     parser = cli.build_parser()
     common = ["--experiment", "digits_lt", "--method", "cm", "--seed", "0", "--manifest", "m", "--out", "o",
               "--history", "h", "--checkpoints", "c"]
-    assert cli.stage_threads(parser.parse_args(["train", *common]), params) == 3
-    assert cli.stage_threads(parser.parse_args(["merge", "--experiment", "digits_lt", "--method", "cm", "--seed",
+    assert stage_threads(parser.parse_args(["train", *common]), params) == 3
+    assert stage_threads(parser.parse_args(["merge", "--experiment", "digits_lt", "--method", "cm", "--seed",
                                                 "0", "--model", "m", "--out", "o"]), params) == 5
     # Data preparation computes no floats that a thread count could change: no warning.
-    assert cli.stage_threads(parser.parse_args(["prepare-data", "--experiment", "digits_lt", "--out", "o",
+    assert stage_threads(parser.parse_args(["prepare-data", "--experiment", "digits_lt", "--out", "o",
                                                 "--threads", "2"]), params) == 2
     assert not caplog.records
-    assert cli.stage_threads(parser.parse_args(["train", *common, "--threads", "2"]), params) == 2  # overrides
+    assert stage_threads(parser.parse_args(["train", *common, "--threads", "2"]), params) == 2  # overrides
     [record] = caplog.records
     assert record.levelname == "WARNING" and "\n" not in record.getMessage()
     assert record.getMessage().startswith("--threads 2 differs from params.yaml's resources.train.threads = 3")
     with pytest.raises(cfg.ConfigError, match=r"^--threads = 0 is not allowed: must be an integer >= 1$"):
-        cli.stage_threads(parser.parse_args(["train", *common, "--threads", "0"]), params)
+        stage_threads(parser.parse_args(["train", *common, "--threads", "0"]), params)
 
 
 def test_interrupt_messages_name_the_job():

@@ -9,6 +9,7 @@ import matplotlib.image
 import pytest
 import yaml
 
+from cm import config as cfg
 from cm.compare import compare
 from cm.errors import ConfigError, DataError
 from cm.report import to_csv
@@ -23,7 +24,7 @@ def params_with_widths(widths):
         exp = copy.deepcopy(params["experiments"]["digits_lt"])
         exp["model"] = {"preset": "small", "ch": ch}
         params["experiments"][f"w{ch}"] = exp
-    return params
+    return cfg.check_params(params, base_dir=ROOT)
 
 
 def write_summary(results, name, rows):

@@ -1,8 +1,10 @@
-"""params.yaml validation: defaults, and one clear message per kind of mistake."""
+"""params.yaml validation: experiments completed from `defaults`, and one clear message per kind of mistake."""
 
 from __future__ import annotations
 
 import copy
+import difflib
+import re
 import subprocess
 import sys
 
@@ -30,18 +32,51 @@ def test_shipped_params_are_valid_and_complete(raw):
     params = cfg.load_params(ROOT / "params.yaml")
     assert params["run"] == ["digits_lt"]
     assert params["methods"] == ["ddpm", "cm"]
-    # Every key the schema defaults is present in the file, so DVC (which reads the raw file)
-    # and the package see the same values.
+    # Completing a completed configuration changes nothing, and the file keeps `defaults` for DVC.
     assert cfg.check_params(raw, base_dir=ROOT) == params == cfg.check_params(params, base_dir=ROOT)
+    assert params["defaults"] == raw["defaults"]
 
 
-def test_defaults_are_filled_in(raw):
-    exp = raw["experiments"]["digits_lt"]
-    del exp["train"]["ema_decay"], exp["evaluate"], raw["tracking"]
+def test_an_experiment_takes_every_value_it_does_not_state_from_defaults(raw):
     params = cfg.check_params(raw, base_dir=ROOT)
-    assert params["experiments"]["digits_lt"]["train"]["ema_decay"] == 0.9999
-    assert params["experiments"]["digits_lt"]["evaluate"]["feature_extractor"] == "local"
-    assert params["tracking"] == {"enabled": True, "experiment_name": "capacity-manipulation"}
+    defaults, stated = raw["defaults"], raw["experiments"]
+    for name, experiment in params["experiments"].items():
+        for block in ("data", "diffusion", "probe", "train", "sample", "evaluate"):
+            for key, value in experiment[block].items():
+                own = stated[name][block]
+                if key not in own:
+                    assert value == defaults[block][key], (name, block, key)
+                elif not isinstance(value, dict):
+                    assert value == own[key], (name, block, key)
+    # A nested mapping merges key by key: the CPU CIFAR run states two of feature_net's values.
+    feature_net = params["experiments"]["cifar10lt_ir100_cpu"]["evaluate"]["feature_net"]
+    assert feature_net == {**defaults["evaluate"]["feature_net"], "steps": 300, "test_fraction": 0.1}
+    # A fine-tuning's pretraining: the defaults' data and train with its changes; lora completed.
+    finetune = params["experiments"]["digits_ft_lt"]["finetune"]
+    assert finetune["pretrain"]["data"] == {**defaults["data"], "imbalance_ratio": 1, "hflip": False}
+    assert finetune["pretrain"]["train"] == defaults["train"]
+    assert finetune["lora"] == {**defaults["finetune"]["lora"], "rank": 4}
+    assert params["experiments"]["digits_lt"]["finetune"] is None
+
+
+def test_a_changed_default_reaches_exactly_the_experiments_that_do_not_state_it(raw):
+    raw["defaults"]["train"]["ema_decay"] = 0.5
+    params = cfg.check_params(raw, base_dir=ROOT)
+    decays = {name: e["train"]["ema_decay"] for name, e in params["experiments"].items()}
+    states = {name for name, e in raw["experiments"].items() if "ema_decay" in e["train"]}
+    assert states and len(states) < len(decays)
+    assert {name for name, decay in decays.items() if decay == 0.5} == set(decays) - states
+
+
+def test_an_experiment_without_a_block_or_defaults_without_a_key_is_refused_in_one_line(raw):
+    broken = copy.deepcopy(raw)
+    del broken["experiments"]["capacity_ch8"]["probe"]
+    assert error_of(broken) == ("params.yaml: experiments.capacity_ch8: 'probe' is a required property (every "
+                                "experiment names each block; {} keeps the defaults, and DVC tracks each block by "
+                                "its key)")
+    del raw["defaults"]["train"]["ema_decay"]
+    message = error_of(raw)
+    assert message == "params.yaml: defaults.train: 'ema_decay' is a required property"
 
 
 @pytest.mark.parametrize("edit, key, value, allowed", MISTAKES)
@@ -85,7 +120,7 @@ def test_schema_method_names_are_the_registry():
 
 def test_input_is_not_modified(raw):
     before = copy.deepcopy(raw)
-    del raw["tracking"]
+    raw["experiments"]["digits_lt"]["train"] = {"steps": 7}
     kept = copy.deepcopy(raw)
     cfg.check_params(raw, base_dir=ROOT)
     assert raw == kept and before != kept
@@ -105,9 +140,7 @@ def test_dvc_rewrites_only_the_value_it_sets(tmp_path):
     before, after = (ROOT / "params.yaml").read_text().splitlines(), (tmp_path / "params.yaml").read_text().splitlines()
     changed = [line for line in difflib.unified_diff(before, after, lineterm="", n=0)
                if line[:1] in "+-" and not line.startswith(("+++", "---"))]
-    # Only the seeds entry (DVC's writer puts the blank line that follows it inside the new list).
-    assert changed == ["-seeds: [0]                # training / sampling seeds", "-",
-                       "+seeds:                    # training / sampling seeds", "+", "+- 1"]
+    assert changed == ["-- 0", "+- 1"]  # only the seeds entry
 
 
 def _leaves(node, path=()):
@@ -160,9 +193,9 @@ def test_a_fractional_float_for_an_integer_is_refused_naming_the_key(raw):
 
 @pytest.mark.parametrize("written, value", [("1e-4", 1e-4), ("2E-3", 2e-3), ("5e-5", 5e-5)])
 def test_scientific_notation_that_yaml_reads_as_a_string_is_a_number(raw, written, value):
-    text = (ROOT / "params.yaml").read_text().replace("      lr: 0.0002\n", f"      lr: {written}\n", 1)
+    text = (ROOT / "params.yaml").read_text().replace("    lr: 0.0002\n", f"    lr: {written}\n", 1)
     loaded = yaml.safe_load(text)
-    assert loaded["experiments"]["digits_lt"]["train"]["lr"] == written  # YAML 1.1: a string
+    assert loaded["defaults"]["train"]["lr"] == written  # YAML 1.1: a string
     assert cfg.check_params(loaded, base_dir=ROOT)["experiments"]["digits_lt"]["train"]["lr"] == value
     loaded["experiments"]["digits_lt"]["train"]["lr"] = "1e-4x"
     assert "train.lr = '1e-4x' is not allowed: must be type number" in error_of(loaded)
@@ -210,3 +243,47 @@ def test_a_lora_rank_larger_than_the_targeted_layers_allow_is_refused(raw):
     assert error_of(raw) == (
         "params.yaml: experiments.digits_ft_lt.finetune.lora.rank = 33 is not allowed: must be at most 32, the "
         "largest rank the targeted layer 'downblocks.0.conv1' can use (min of its output and input sizes)")
+
+
+def test_dvc_exp_run_set_rewrites_only_the_value_it_sets(tmp_path):
+    """`-S` on a nested key an experiment states, and with `+` on one it takes from defaults."""
+    from dvc.utils.hydra import apply_overrides
+
+    path = tmp_path / "params.yaml"
+    shipped = (ROOT / "params.yaml").read_text()
+    path.write_text(shipped)
+    apply_overrides(path, ["experiments.digits_ft_lt.train.steps=300", "+experiments.digits_lt.sample.steps=20"])
+    changed = [line for line in difflib.unified_diff(shipped.splitlines(), path.read_text().splitlines(),
+                                                     lineterm="", n=0)
+               if line[:1] in "+-" and not line.startswith(("+++", "---"))]
+    assert changed == ["-    sample: {}", "+    sample:", "+      steps: 20",
+                       "-    train: {steps: 600, lr: 0.001}", "+    train: {steps: 300, lr: 0.001}"]
+    params = cfg.load_params(path)
+    assert params["experiments"]["digits_ft_lt"]["train"]["steps"] == 300
+    assert params["experiments"]["digits_lt"]["sample"] == {**params["defaults"]["sample"], "steps": 20}
+    path.write_text(shipped)
+    apply_overrides(path, ["seeds=[0,1]", "theta_g_only=[cm]", "defaults.train.steps=5"])
+    assert len(path.read_text().splitlines()) == len(shipped.splitlines()) + 2  # a line per new item
+
+
+def check(*args) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "cm", "check", *args], cwd=ROOT, capture_output=True, text=True)
+
+
+def test_check_show_prints_an_experiments_complete_settings():
+    result = check("--show", "digits_ft_lt")
+    assert result.returncode == 0, result.stderr
+    shown = yaml.safe_load(result.stdout)
+    assert shown == {"digits_ft_lt": cfg.load_params(ROOT / "params.yaml")["experiments"]["digits_ft_lt"]}
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    train = shown["digits_ft_lt"]["train"]
+    assert train["steps"] == 600 and train["ema_decay"] == raw["defaults"]["train"]["ema_decay"]
+
+
+def test_check_show_with_an_unknown_experiment_lists_the_experiments_in_one_line():
+    result = check("--show", "digits")
+    assert result.returncode == 2 and result.stdout == ""
+    (line,) = result.stderr.strip().splitlines()
+    names = sorted(yaml.safe_load((ROOT / "params.yaml").read_text())["experiments"])
+    assert re.fullmatch(r"error: experiment 'digits' is not defined in params\.yaml; defined: .*", line)
+    assert line.endswith(", ".join(names))

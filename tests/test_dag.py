@@ -9,8 +9,9 @@ import pytest
 import yaml
 
 from cm import config as cfg
-from cm.cli import build_parser, stage_threads
-from cm.pipeline import CODE, dvc_stage_names, param_keys
+from cm.cli import build_parser
+from cm.pipeline import CODE, dvc_param_keys, dvc_stage_names
+from cm.threads import stage_threads
 from tests.conftest import run
 
 ONLY_SNAKEMAKE = {"all", "register_dvc"}  # the target rule, and the rule that records outputs in DVC
@@ -72,7 +73,7 @@ def test_snakemake_and_dvc_run_the_same_commands_on_the_same_paths(project, seed
         assert all(any(covered(path, [dep]) for path in job["inputs"]) for dep in stage["deps"]), cmd
         assert sorted(CODE[rule]) == sorted(d for d in stage["deps"] if d.startswith("cm/"))
         experiment, method = instance.split("-")[0], (instance.split("-") + [None])[1]
-        expected = param_keys(rule, experiment=experiment, method=method)
+        expected = dvc_param_keys(rule, experiment=experiment, method=method)
         if rule == "train":  # DVC depends on all of method_params (see dvc.yaml), a superset
             assert "method_params" in stage["params"]
             expected = [k for k in expected if not k.startswith("method_params.")] + ["method_params"]

@@ -21,6 +21,7 @@ from cm import config as cfg
 from cm.data import DataError, build_manifest, load_reference, load_training_set
 from cm.evaluate import dataset_id
 from tests.conftest import ROOT
+from tests.helpers import stand_in_inception_weights
 
 CIFAR_TEST = ROOT.parent / "shared" / "data" / "cifar10" / "test.npz"
 WNIDS = ["n01440764", "n01443537", "n01484850", "n01491361"]
@@ -162,12 +163,18 @@ def fails(route: str, data: dict, message: str, name: str = "imagenetlt_32") -> 
     assert "\n" not in str(info.value)
 
 
-def test_paper_entries_pass_the_check_on_real_files(fake, tmp_path):
-    params = cfg.check_params(params_with({"path": str(fake["root"]), "split_list": str(fake["train_list"]),
-                                           "reference_list": str(fake["reference_list"])}), base_dir=ROOT)
+def test_paper_entries_pass_the_check_on_real_files(fake, tmp_path, monkeypatch):
+    weights = str(stand_in_inception_weights(monkeypatch, tmp_path))
+    raw = params_with({"path": str(fake["root"]), "split_list": str(fake["train_list"]),
+                       "reference_list": str(fake["reference_list"])})
+    raw["experiments"]["imagenetlt_32"]["evaluate"]["inception_weights"] = weights
+    params = cfg.check_params(raw, base_dir=ROOT)
     assert params["experiments"]["imagenetlt_32"]["data"]["image_size"] == 32
-    write_folders(tmp_path, {"female": [(12, 9)] * 101, "male": [(9, 12)] * 100})  # ratio 100 leaves male 1
-    cfg.check_params(params_with({"path": str(tmp_path)}, "celebahq_ir100"), base_dir=ROOT)
+    (tmp_path / "celebahq").mkdir()
+    write_folders(tmp_path / "celebahq", {"female": [(12, 9)] * 101, "male": [(9, 12)] * 100})  # ratio 100: male 1
+    raw = params_with({"path": str(tmp_path / "celebahq")}, "celebahq_ir100")
+    raw["experiments"]["celebahq_ir100"]["evaluate"]["inception_weights"] = weights
+    cfg.check_params(raw, base_dir=ROOT)
 
 
 def test_paper_entries_generate_50k_images():

@@ -58,9 +58,10 @@ def test_every_page_is_in_the_nav(mkdocs_config):
     assert pages == listed, f"not in nav: {sorted(pages - listed)}; in nav but missing: {sorted(listed - pages)}"
 
 
-def test_configuration_page_is_generated_from_the_schema():
+def test_configuration_page_is_generated_from_the_schema_and_the_defaults():
     generator = _generator()
-    expected = generator.render(yaml.safe_load(generator.SCHEMA.read_text()))
+    expected = generator.render(yaml.safe_load(generator.SCHEMA.read_text()),
+                                yaml.safe_load(generator.PARAMS.read_text()))
     committed = (ROOT / "docs" / "configuration.md").read_text()
     assert committed == expected, "docs/configuration.md is out of date: run python docs/gen_config_reference.py"
 
@@ -78,7 +79,7 @@ def test_configuration_page_names_every_schema_key():
             for alt in node.get("oneOf") or []:
                 yield from names(alt)
 
-    page = generator.render(schema)
+    page = generator.render(schema, yaml.safe_load(generator.PARAMS.read_text()))
     rows = {line.split("`")[1].rsplit(".", 1)[-1] for line in page.splitlines() if line.startswith("| `")}
     absent = sorted({n for root in (schema, *schema["$defs"].values()) for n in names(root)} - rows)
     assert not absent, f"keys of the schema missing from docs/configuration.md: {absent}"

@@ -42,7 +42,7 @@ def script_sources(page: Path) -> list[str]:
 @pytest.fixture
 def plots_page(project):
     """`dvc plots show` with the project's template, on two loss histories and the report's per-class
-    FID and training loss (written by cm/report.py from them, for two classes)."""
+    FID and training loss (written by cm/report from them, for two classes)."""
     manifest = {"class_counts": [3, 9], "class_names": ["rare", "common"]}
     histories, per_class = [], [{"class": c, "name": manifest["class_names"][c], "train_count": n}
                                 for c, n in enumerate(manifest["class_counts"])]

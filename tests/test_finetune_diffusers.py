@@ -42,7 +42,7 @@ def sd_experiment(params: dict) -> dict:
     exp["diffusion"]["timesteps"] = 100
     exp["train"].update(steps=12, checkpoint_every=6, log_every=6, warmup_steps=3, batch_size=32)
     exp["sample"].update(per_class=4, steps=4, batch_size=40)
-    exp["evaluate"]["feature_net"].update(steps=30)
+    exp["evaluate"].setdefault("feature_net", {}).update(steps=30)
     exp["evaluate"].update(kid_subsets=5)
     exp["probe"].update(draws=1, dominance_batches=2, batch_size=32)
     return exp

@@ -26,10 +26,11 @@ def finetuned(shared_project):
     exp = params["experiments"]["digits_ft_lt"]
     exp["model"] = "tiny"
     exp["diffusion"]["timesteps"] = 100
-    exp["finetune"]["pretrain"]["train"].update(steps=20, checkpoint_every=10, log_every=10, warmup_steps=5)
+    exp["finetune"]["pretrain"].setdefault("train", {}).update(steps=20, checkpoint_every=10, log_every=10,
+                                                               warmup_steps=5)
     exp["train"].update(steps=20, checkpoint_every=10, log_every=10, warmup_steps=5, batch_size=32)
     exp["sample"].update(per_class=6, steps=5, batch_size=60)
-    exp["evaluate"]["feature_net"].update(steps=30)
+    exp["evaluate"].setdefault("feature_net", {}).update(steps=30)
     exp["evaluate"].update(kid_subsets=5)
     params["tracking"]["enabled"] = False
     (shared_project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))

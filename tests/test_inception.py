@@ -169,7 +169,7 @@ def test_the_network_runs_in_float32_with_tf32_off_and_the_flags_come_back(image
 
 
 def test_evaluation_resizes_on_the_stages_threads(images, monkeypatch):
-    """cm/cli.py gives torch resources.evaluate.threads; the resize pool takes that many."""
+    """cm/threads.py gives torch resources.evaluate.threads; the resize pool takes that many."""
     from cm import evaluate
 
     calls = {}

@@ -149,7 +149,7 @@ def test_theta_g_only_model_reuses_the_cm_checkpoint_with_branches_dropped(snake
     computes what the trained network computes with every B set to zero (B A = 0)."""
     import torch
 
-    from cm.merge import build_network, load_merged
+    from cm.checkpoint import build_network, load_merged
 
     project = copy_run(snakemake_run, tmp_path / "project")  # cm is trained: cm_gonly needs no training
     out = run(["snakemake", "results/digits_lt/samples/cm_gonly/seed0/samples.npz", "--cores", "all",

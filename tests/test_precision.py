@@ -15,7 +15,7 @@ from cm import accel
 from cm.diffusion import GaussianDiffusion
 from cm.methods import build_method
 from cm.models import build_unet
-from cm.train import Objective
+from cm.trainer import Objective
 
 COUNTS = [60, 30, 15, 8, 4]  # long-tailed, 5 classes
 FAMILIES = ["ddpm", "cbdm", "oc", "cm", "cm+oc"]

@@ -1,4 +1,4 @@
-"""Tests for the capacity probes (cm/probe.py): magnitude pruning, per-class losses, theta_g, gradient dominance.
+"""Tests for the capacity probes (cm/probe): magnitude pruning, per-class losses, theta_g, gradient dominance.
 
 Expected values come from numpy, closed forms or separate forward/backward passes, never from the probe itself.
 """
@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from cm import io
+from cm.checkpoint import load_trained
 from cm.diffusion import GaussianDiffusion
 from cm.lowrank import add_lowrank_branches, branches
 from cm.models import build_unet
@@ -21,7 +22,6 @@ from cm.probe import (
     as_model_inputs,
     compare_class_losses,
     gradient_dominance,
-    load_trained_network,
     noised_probe_batches,
     per_image_losses,
     prunable_weights,
@@ -316,12 +316,12 @@ def test_loading_a_trained_checkpoint_gives_its_ema_weights(tmp_path):
     raw, ema = tiny_unet(cm=True, seed=0), tiny_unet(cm=True, random_b=True, seed=1)
     io.save_torch(tmp_path / "model.pt", {"format": "cm.model/1", "config": config, "method": "cm", "step": 1,
                                           "state_dict": raw.state_dict(), "ema": ema.state_dict()})
-    net, loaded_config = load_trained_network(tmp_path / "model.pt")
-    assert loaded_config == config and not net.training
+    net, state = load_trained(tmp_path / "model.pt")
+    assert state["config"] == config and not net.training
     for key, value in ema.state_dict().items():
         assert torch.equal(net.state_dict()[key], value), key
     with pytest.raises(ValueError, match="ema, state_dict"):
-        load_trained_network(tmp_path / "model.pt", weights="model")
+        load_trained(tmp_path / "model.pt", weights="model")
 
 
 def test_stored_images_become_model_inputs():

@@ -10,9 +10,10 @@ import torch
 
 from cm import config as cfg
 from cm import io
+from cm.checkpoint import load_merged
 from cm.data import build_manifest, load_source
 from cm.evaluate import evaluate, reference_features, train_evaluator
-from cm.merge import load_merged, merge
+from cm.merge import merge
 from cm.models import build_unet
 from cm.sample import balanced_labels, sample
 from cm.train import train

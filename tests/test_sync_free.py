@@ -22,7 +22,8 @@ from cm.diffusion import GaussianDiffusion
 from cm.errors import NonFiniteLossError
 from cm.methods import build_method
 from cm.models import build_unet
-from cm.train import Trainer, train
+from cm.train import train
+from cm.trainer import Trainer
 from tests.conftest import ROOT, tiny_budgets
 
 READS = ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__", "__index__")
@@ -81,7 +82,7 @@ def test_steps_between_log_steps_read_nothing_from_the_device(tmp_path, setup, r
     coin = ("methods/base.py", "noised_batch")
     assert reads.pop(coin) == steps  # one host draw per step, from the CPU generator
     log_steps = steps // experiment["train"]["log_every"]
-    assert reads.pop(("train.py", "read_window")) == log_steps  # one read per log step
+    assert reads.pop(("trainer.py", "read_window")) == log_steps  # one read per log step
     assert not reads, f"reads from the device inside steps: {dict(reads)}"
 
 

@@ -10,7 +10,8 @@ import torch
 from cm import config as cfg
 from cm import io
 from cm.data import build_manifest
-from cm.train import EpochSampler, ema_update, fingerprint, foreach_mismatch, train
+from cm.train import EpochSampler, fingerprint, train
+from cm.trainer import ema_update, foreach_mismatch
 from tests.conftest import ROOT, tiny_budgets
 
 
@@ -156,7 +157,7 @@ def _trainer(channels_last: bool, adam: str = "auto"):
     from cm.diffusion import GaussianDiffusion
     from cm.methods import build_method
     from cm.models import build_unet
-    from cm.train import Trainer
+    from cm.trainer import Trainer
 
     torch.manual_seed(0)
     cfg_ = {"lr": 1e-3, "grad_clip": 1.0, "ema_decay": 0.9, "label_drop": 0.0, "precision": "fp32",
@@ -172,7 +173,7 @@ def _trainer(channels_last: bool, adam: str = "auto"):
 @pytest.mark.parametrize("adam", ["auto", "fused"])  # the host-weight and the device-gated EMA
 def test_the_trainer_meets_the_fused_paths_preconditions_and_updates_the_ema_by_the_formula(channels_last, adam,
                                                                                            monkeypatch):
-    from cm import train as train_module
+    from cm import trainer as trainer_module
 
     trainer = _trainer(channels_last, adam)
     weights, inside = [], []  # the weight of each multi-tensor call of the EMA update
@@ -185,7 +186,7 @@ def test_the_trainer_meets_the_fused_paths_preconditions_and_updates_the_ema_by_
             return _original(*args)
 
         monkeypatch.setattr(torch, name, spy)
-    update = train_module.ema_update
+    update = trainer_module.ema_update
 
     def watched(*args, **kwargs):
         inside.append(True)
@@ -194,7 +195,7 @@ def test_the_trainer_meets_the_fused_paths_preconditions_and_updates_the_ema_by_
         finally:
             inside.pop()
 
-    monkeypatch.setattr(train_module, "ema_update", watched)
+    monkeypatch.setattr(trainer_module, "ema_update", watched)
     assert trainer.on_device == (adam == "fused")
     assert foreach_mismatch(trainer.ema_params, trainer.params) == ""
     convs = [p for p in trainer.params if p.dim() == 4]
@@ -234,14 +235,14 @@ def colour_setup(tmp_path_factory):
 
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_training_batches_are_dense_in_the_layout_asked_for(tmp_path, colour_setup, monkeypatch, channels_last):
-    from cm import train as train_module
+    from cm.trainer import Objective
 
     params, experiment, manifest = colour_setup
     experiment = copy.deepcopy(experiment)
     experiment["train"]["channels_last"] = channels_last
     layout = torch.channels_last if channels_last else torch.contiguous_format
     seen = []
-    original = train_module.Objective.forward
+    original = Objective.forward
 
     def recording(self, x0, y):
         head = self.net.head.register_forward_pre_hook(lambda m, args: seen.append(("x_t", args[0])))
@@ -251,7 +252,7 @@ def test_training_batches_are_dense_in_the_layout_asked_for(tmp_path, colour_set
         finally:
             head.remove()
 
-    monkeypatch.setattr(train_module.Objective, "forward", recording)
+    monkeypatch.setattr(Objective, "forward", recording)
     train(manifest=manifest, experiment=experiment, method_name="cm", method_params=params["method_params"],
           seed=0, out=tmp_path / "model.pt", checkpoint_root=tmp_path / "ckpt", history_out=tmp_path / "h.csv",
           device="cpu", progress=False)

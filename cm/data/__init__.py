@@ -12,9 +12,9 @@ from cm.data.sources import DataError, LabeledImages, load_reference, load_sourc
 __all__ = ["DataError", "LabeledImages", "build_manifest", "load_reference", "load_source", "load_training_set"]
 
 # The `data` keys that rebuild a source's images (the manifest's `source`; reference_list is read only
-# by the evaluation stages). Old manifests lack the later keys: they read as null.
+# by the evaluation stages). A manifest without one of them reads it as null.
 SOURCE_KEYS = ("path", "split_list", "image_size")
-OPTIONAL_SOURCE_KEYS = ("shift",)  # in a manifest only when set: unshifted manifests keep their bytes
+OPTIONAL_SOURCE_KEYS = ("shift",)  # in a manifest only when set: an unshifted manifest has no `shift` key
 
 
 def content_hash(images: np.ndarray, labels: np.ndarray) -> str:

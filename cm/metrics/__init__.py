@@ -5,7 +5,8 @@ local feature space; ``inception`` loads clean-fid's Inception-v3 from a local f
 its features and the Inception Score; ``distances`` computes FID, KID, per-class/group FID and
 per-class accuracy on plain numpy feature arrays; ``frechet`` caches per-class reference
 statistics so per-class FID stays cheap with many classes; ``prdc`` gives improved precision and
-recall; ``floors`` gives split-half noise floors of any of them on the real data.
+recall; ``floors`` gives split-half noise floors of any of them on the real data; ``checks``
+validates the feature arrays and labels they all take.
 """
 
 from cm.metrics.distances import fid, group_fid, kid, per_class_accuracy, per_class_fid

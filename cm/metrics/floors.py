@@ -23,7 +23,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from cm.metrics.distances import _check_feats, _check_labels
+from cm.metrics.checks import check_feats, check_labels
 from cm.metrics.frechet import ReferenceStats
 
 
@@ -87,8 +87,8 @@ def split_half_floor(
     ``half_a`` plays the generated set (same size as it, see the module docstring for
     ``n_gen``), ``half_b`` the reference. ``num_classes`` defaults to max(label) + 1.
     """
-    x = _check_feats("ref_feats", ref_feats)
-    y = _check_labels("ref_labels", ref_labels, len(x), num_classes)
+    x = check_feats("ref_feats", ref_feats)
+    y = check_labels("ref_labels", ref_labels, len(x), num_classes)
     k = int(y.max()) + 1 if num_classes is None else num_classes
     sizes = half_sizes(n_gen, np.bincount(y, minlength=k))
     a, b = split_halves(y, sizes, seed)
@@ -108,8 +108,8 @@ def per_class_floor(
     of K ints (pass the generated per-class counts to match per-class FID), or None (half of
     each class). Every class needs at least 2 rows per half, i.e. at least 4 real images.
     """
-    x = _check_feats("ref_feats", ref_feats)
-    y = _check_labels("ref_labels", ref_labels, len(x), num_classes)
+    x = check_feats("ref_feats", ref_feats)
+    y = check_labels("ref_labels", ref_labels, len(x), num_classes)
     counts = np.bincount(y, minlength=num_classes)  # (K,)
     if n_per_class is not None and np.ndim(n_per_class) == 0:  # an int means per class here
         n_per_class = np.full(num_classes, int(n_per_class))

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from cm import io
-from cm.metrics.distances import _check_feats, _check_labels
+from cm.metrics.checks import check_feats, check_labels
 
 _FORMAT = "cm.ReferenceStats/1"
 
@@ -145,8 +145,8 @@ class GaussianStats:
 
 def fast_fid(gen_feats: np.ndarray, ref_feats: np.ndarray) -> float:
     """FID between two (N, D) feature sets through :class:`GaussianStats` (no ``sqrtm``)."""
-    gen = _check_feats("gen_feats", gen_feats)
-    ref = _check_feats("ref_feats", ref_feats)
+    gen = check_feats("gen_feats", gen_feats)
+    ref = check_feats("ref_feats", ref_feats)
     if gen.shape[1] != ref.shape[1]:
         raise ValueError(f"gen_feats and ref_feats differ in feature dim: {gen.shape[1]} vs {ref.shape[1]}")
     return GaussianStats.from_rows(ref).fid_to(gen)
@@ -199,8 +199,8 @@ class ReferenceStats:
         (they are then pooled from the classes if asked for). ``dtype=np.float32`` stores the
         covariance factors in single precision (half the memory; FID changes by ~1e-6 relative).
         """
-        x = _check_feats("ref_feats", feats, min_rows=0)
-        y = _check_labels("ref_labels", labels, len(x), num_classes)
+        x = check_feats("ref_feats", feats, min_rows=0)
+        y = check_labels("ref_labels", labels, len(x), num_classes)
         counts = np.bincount(y, minlength=num_classes)  # (K,)
         short = [c for c in range(num_classes) if counts[c] < 2]
         if short:
@@ -235,7 +235,7 @@ class ReferenceStats:
         return self._pooled[key]
 
     def _gen(self, gen_feats: np.ndarray) -> np.ndarray:
-        g = _check_feats("gen_feats", gen_feats, min_rows=0)
+        g = check_feats("gen_feats", gen_feats, min_rows=0)
         if g.shape[1] != self.feature_dim:
             raise ValueError(f"gen_feats have dim {g.shape[1]}, reference statistics have {self.feature_dim}")
         return g
@@ -255,7 +255,7 @@ class ReferenceStats:
     def per_class_fid(self, gen_feats: np.ndarray, gen_labels: np.ndarray) -> list[float]:
         """FID of each class c in [0, num_classes): generated rows of c against reference rows of c."""
         g = self._gen(gen_feats)
-        y = _check_labels("gen_labels", gen_labels, len(g), self.num_classes)
+        y = check_labels("gen_labels", gen_labels, len(g), self.num_classes)
         counts = np.bincount(y, minlength=self.num_classes)  # (K,)
         for c in range(self.num_classes):  # fail before any work
             if counts[c] < 2:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from cm.metrics.distances import _check_feats
+from cm.metrics.checks import check_feats
 
 
 def _sq_dists(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -50,8 +50,8 @@ def precision_recall(
     ``dtype=torch.float32`` on a GPU for speed (membership can then flip for points lying
     within ~1e-6 relative of a ball's surface).
     """
-    real = _check_feats("real_feats", real_feats)
-    gen = _check_feats("gen_feats", gen_feats)
+    real = check_feats("real_feats", real_feats)
+    gen = check_feats("gen_feats", gen_feats)
     if real.shape[1] != gen.shape[1]:
         raise ValueError(f"real_feats and gen_feats differ in feature dim: {real.shape[1]} vs {gen.shape[1]}")
     if not 1 <= k < min(len(real), len(gen)):

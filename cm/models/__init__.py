@@ -35,7 +35,7 @@ def build_unet(model: str | dict, *, num_classes: int, in_channels: int, image_s
 
 def build_model(config: dict):
     """The network a checkpoint's config describes, with initial weights (no low-rank branches or
-    adapters: cm/merge.py's build_network adds those): this project's U-Net, or for a fine-tuning that
+    adapters: cm/checkpoint.py's build_network adds those): this project's U-Net, or for a fine-tuning that
     starts from a diffusers folder (`config["diffusers"]`) its class-conditioned diffusers U-Net."""
     if config.get("diffusers"):
         from cm.finetune.diffusers_models import network_from_config  # the optional finetune extra

@@ -1,15 +1,13 @@
-"""Tables and figures of one experiment: a row per method (mean and spread over seeds), per-class
-FID, training curves, capacity probes and a sample grid per method with a row per class, head to tail."""
+"""The report's tables of one experiment: a row per method (mean and spread over seeds), per class
+head to tail, the training curves in long form, the capacity probes, as CSV and markdown."""
 
 from __future__ import annotations
 
 import csv
 import io as _io
-from pathlib import Path
 
 import numpy as np
 
-from cm import io
 from cm.data.profiles import head_to_tail
 from cm.errors import DataError
 
@@ -17,11 +15,6 @@ COLUMNS = ["fid", "kid", "fid_many", "fid_medium", "fid_few", "precision", "reca
            "acc", "acc_many", "acc_medium", "acc_few"]
 # Distances whose real-versus-real floor the report prints beside them.
 WITH_FLOOR = ["fid", "kid", "fid_many", "fid_medium", "fid_few"]
-
-
-# What `write_report` writes beside grids/ when it is given probes and histories (the CLI's stage).
-REPORT_FILES = ["summary.csv", "summary.md", "metrics.json", "per_class.csv", "per_class_fid.csv",
-                "per_class_fid.png", "training_loss.csv", "training_curves.png", "probe.csv", "probe.png"]
 
 # What each clean-fid mode of the `inception` extractor is, for the table captions.
 FID_MODES = {
@@ -34,8 +27,8 @@ FEATURE_SPACE = ["feature_extractor", "fid_mode", "inception_weights", "inceptio
 
 def feature_space(metrics: dict) -> dict:
     """Extractor, fid_mode, weights file and hash, and the generated images' dtype of an evaluate
-    stage's metrics (None where they do not apply). Metrics written before these were recorded
-    came from clean-fid's mode `clean` on uint8 samples, the only ones there were."""
+    stage's metrics (None where they do not apply). Metrics without these keys are read as clean-fid's
+    mode `clean` on uint8 samples."""
     inception = metrics["feature_extractor"] == "inception"
     return {"feature_extractor": metrics["feature_extractor"],
             "fid_mode": metrics.get("fid_mode", "clean" if inception else None),
@@ -177,58 +170,7 @@ def to_markdown(rows: list[dict], *, experiment: str, manifest: dict, evaluator:
     return "\n".join(lines) + "\n"
 
 
-def pyplot():
-    """matplotlib's pyplot drawing to files only (no display needed)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def save_figure(fig, path: Path) -> None:
-    """Lay out, write atomically as a 100-dpi PNG, and free the figure."""
-    fig.tight_layout()
-    with io.atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    pyplot().close(fig)
-
-
-def grid_canvas(images: np.ndarray, labels: np.ndarray, order: list[int], per_row: int) -> np.ndarray:
-    """Row r holds the first `per_row` images of class order[r], with 1-pixel white gaps."""
-    h, w, ch = images.shape[1:]
-    canvas = np.full((len(order) * (h + 1), per_row * (w + 1), ch), 255, dtype=np.uint8)
-    for r, c in enumerate(order):
-        for k, img in enumerate(images[labels == c][:per_row]):
-            canvas[r * (h + 1):r * (h + 1) + h, k * (w + 1):k * (w + 1) + w] = img
-    return canvas
-
-
-def sample_grid(images: np.ndarray, labels: np.ndarray, manifest: dict, path: Path, *, per_row: int = 10,
-                title: str = "") -> None:
-    """A PNG with one row per class, ordered head to tail by training count."""
-    plt = pyplot()
-    counts = manifest["class_counts"]
-    order = head_to_tail(counts)
-    h, w, ch = images.shape[1:]
-    canvas = grid_canvas(images, labels, order, per_row)
-    scale = 0.6 / h  # inches per pixel: every image about 0.6 inch wide
-    fig, ax = plt.subplots(figsize=(per_row * (w + 1) * scale + 1.5, len(order) * (h + 1) * scale + 0.6))
-    ax.imshow(canvas.squeeze(-1) if ch == 1 else canvas, cmap="gray" if ch == 1 else None,
-              interpolation="nearest")
-    names = manifest["class_names"]
-    ax.set_yticks([r * (h + 1) + h / 2 for r in range(len(order))],
-                  [f"{names[c]} ({counts[c]})" for c in order], fontsize=7)
-    ax.set_xticks([])
-    ax.set_title(title, fontsize=9)
-    for side in ax.spines.values():
-        side.set_visible(False)
-    save_figure(fig, path)
-
-
 PROBES = {"pruning": ("loss_raw", "pruned"), "theta_g": ("loss_full", "theta_g only")}
-BLOCK_ORDER = ["encoder", "middle", "decoder"]
 
 
 def probe_rows(probes: list[dict], manifest: dict) -> list[dict]:
@@ -310,119 +252,3 @@ def probe_markdown(rows: list[dict], dominance: list[dict], manifest: dict, frac
                      + " | ".join("" if row.get(k) is None else f"{row[k]:.2f}" for k in parts) + " |")
     return "\n".join(lines) + "\n"
 
-
-def probe_figure(rows: list[dict], dominance: list[dict], manifest: dict, path: Path, title: str) -> None:
-    """Left: the pruning probe's relative loss change per class, head to tail, a line per method
-    (error bars: std over seeds, or the standard error with one seed). Right: the majority-dominated
-    share of matrices per block and method."""
-    plt = pyplot()
-    order = head_to_tail(manifest["class_counts"])
-    names = manifest["class_names"]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 3.8), gridspec_kw={"width_ratios": [3, 2]})
-    for method in dict.fromkeys(r["method"] for r in rows):
-        mine = {r["class"]: r for r in rows if r["method"] == method}
-        spread = "pruning_change_std" if mine[order[0]]["seeds"] > 1 else "pruning_change_se"
-        left.errorbar(range(len(order)), [mine[c]["pruning_change"] for c in order],
-                      yerr=[mine[c][spread] for c in order], marker="o", ms=3, capsize=2, label=method)
-    left.set_xticks(range(len(order)), [f"{names[c]}\n({manifest['class_counts'][c]})" for c in order], fontsize=7)
-    left.set_ylabel("relative loss change after pruning")
-    left.set_xlabel("class (training count), head to tail")
-    left.axhline(0, color="grey", lw=0.5)
-    left.legend(fontsize=8)
-    width = 0.8 / len(dominance)
-    for k, row in enumerate(dominance):
-        right.bar([i + k * width for i in range(len(BLOCK_ORDER))], [row.get(b) or 0.0 for b in BLOCK_ORDER],
-                  width=width, label=row["method"])
-    right.set_xticks([i + 0.4 - width / 2 for i in range(len(BLOCK_ORDER))], BLOCK_ORDER)
-    right.set_ylim(0, 1)
-    right.set_ylabel("majority-dominated share of matrices")
-    right.legend(fontsize=8)
-    fig.suptitle(title, fontsize=9)
-    save_figure(fig, path)
-
-
-def per_class_fid_figure(rows: list[dict], methods: list[str], path: Path, title: str) -> None:
-    """Per-class FID, classes head to tail, one bar group per class with a bar per method (error
-    bars: std over seeds) and the real-versus-real floor as a mark."""
-    plt = pyplot()
-    width = 0.8 / len(methods)
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.6 * len(rows) * len(methods) + 2), 3.6))
-    for k, method in enumerate(methods):
-        ax.bar([i + k * width for i in range(len(rows))], [r[f"{method}.fid"] for r in rows], width=width,
-               yerr=[r[f"{method}.fid_std"] for r in rows], capsize=2, label=method)
-    centres = [i + 0.4 - width / 2 for i in range(len(rows))]
-    ax.scatter(centres, [r["fid_floor"] for r in rows], marker="_", s=200, color="black", label="real vs real")
-    ax.set_xticks(centres, [f"{r['name']}\n({r['train_count']})" for r in rows], fontsize=7)
-    ax.set_xlabel("class (training count), head to tail")
-    ax.set_ylabel("per-class FID (lower is better)")
-    ax.legend(fontsize=8)
-    ax.set_title(title, fontsize=9)
-    save_figure(fig, path)
-
-
-def training_curves_figure(rows: list[dict], manifest: dict, path: Path, title: str) -> None:
-    """Left: the training loss against the step, a line per method (mean over seeds). Right: each
-    class's loss over the last logged window, head to tail, a line per method."""
-    plt = pyplot()
-    order = head_to_tail(manifest["class_counts"])
-    names = manifest["class_names"]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 3.8))
-    for method in dict.fromkeys(r["method"] for r in rows):
-        mine = [r for r in rows if r["method"] == method]
-        steps = sorted({r["step"] for r in mine})
-        loss = {r["step"]: r["loss"] for r in mine}
-        left.plot(steps, [loss[s] for s in steps], label=method)
-        last = {r["class"]: r["class_loss"] for r in mine if r["step"] == steps[-1]}
-        right.plot(range(len(order)), [last[c] for c in order], marker="o", ms=3, label=method)
-    left.set_xlabel("step")
-    left.set_ylabel("training loss (window mean)")
-    left.set_yscale("log")
-    left.legend(fontsize=8)
-    right.set_xticks(range(len(order)), [f"{names[c]}\n({manifest['class_counts'][c]})" for c in order], fontsize=7)
-    right.set_xlabel("class (training count), head to tail")
-    right.set_ylabel("diffusion loss, last logged window")
-    right.legend(fontsize=8)
-    fig.suptitle(title, fontsize=9)
-    save_figure(fig, path)
-
-
-def write_report(*, experiment: str, runs: list[dict], samples: dict[str, str], manifest: dict,
-                 evaluator: dict, out_dir: str | Path, probes: list[dict] = (),
-                 probe_fraction: float = 0.1, histories: list[dict] = ()) -> list[dict]:
-    """summary.csv, per_class.csv, per_class_fid.png and .csv (long, for DVC's plot), summary.md,
-    metrics.json and grids/<method>.png under `out_dir`; with histories ({"method", "seed", "rows"}
-    per trained model, its history.csv) also training_loss.csv and training_curves.png; with probes
-    ({"method", "seed", "result"} per trained model, from the probe stage) also probe.csv, probe.png
-    and the probes' section of summary.md."""
-    out_dir = Path(out_dir)
-    rows = summarise(runs)
-    io.write_text(out_dir / "summary.csv", to_csv(rows))
-    io.write_json(out_dir / "metrics.json", experiment_metrics(rows))
-    per_class = per_class_rows(runs, manifest)
-    io.write_text(out_dir / "per_class.csv", to_csv(per_class))
-    methods = [row["method"] for row in rows]
-    io.write_text(out_dir / "per_class_fid.csv", to_csv(per_class_fid_rows(per_class, methods)))
-    per_class_fid_figure(per_class, methods, out_dir / "per_class_fid.png",
-                         title=f"{experiment}: per-class FID in the {rows[0]['feature_extractor']} extractor's space")
-    if histories:
-        curves = training_loss_rows(histories, manifest)
-        io.write_text(out_dir / "training_loss.csv", to_csv(curves))
-        training_curves_figure(curves, manifest, out_dir / "training_curves.png",
-                               title=f"{experiment}: training loss (mean over seeds)")
-    summary = to_markdown(rows, experiment=experiment, manifest=manifest, evaluator=evaluator) + theta_g_markdown(rows)
-    if probes:
-        per_class_probes, dominance = probe_rows(probes, manifest), dominance_rows(probes)
-        io.write_text(out_dir / "probe.csv", to_csv(per_class_probes))
-        summary += probe_markdown(per_class_probes, dominance, manifest, probe_fraction)
-        probe_figure(per_class_probes, dominance, manifest, out_dir / "probe.png",
-                     title=f"{experiment}: capacity probes (pruning {probe_fraction:.0%} of weights; "
-                           "gradient dominance per block)")
-    io.write_text(out_dir / "summary.md", summary)
-    for method, path in samples.items():
-        arrays = io.load_npz(path, required=("images", "labels"))
-        images = arrays["images"]
-        if images.dtype != np.uint8:  # unquantised samples (sample.quantize: false) are float in [0, 1]
-            images = np.rint(np.clip(images, 0, 1) * 255).astype(np.uint8)
-        sample_grid(images, arrays["labels"], manifest, out_dir / "grids" / f"{method}.png",
-                    title=f"{experiment}: {method} (rows: classes, head to tail; training count)")
-    return rows
