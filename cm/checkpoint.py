@@ -3,7 +3,9 @@ network a checkpoint describes.
 
     TRAINING      a training run's resumable state, every `checkpoint_every` steps (train, pretrain)
     MODEL         a trained model: train's final checkpoint, or the starting model pretrain writes;
-                  `state_dict` and `ema` weights, the `config` that rebuilds the network
+                  `state_dict` and `ema` weights, the `config` that rebuilds the network. A
+                  fine-tuning that keeps the pretrained weights frozen holds its adapters only and
+                  a `pretrained` reference (path and sha256) to the starting model that has the rest
     MERGED        a plain U-Net, its low-rank branches or adapters folded in (merge)
     FROM_SCRATCH  pretrain's record of an experiment that trains from scratch (no `finetune`)
 
@@ -49,9 +51,12 @@ def load(path: str | Path, expected_format: str) -> dict:
 # The network a checkpoint describes
 
 
-def build_network(config: dict, with_branches: bool = True) -> nn.Module:
-    """Rebuild the U-Net described by a checkpoint's config, with its branches when it has some."""
+def build_network(config: dict, with_branches: bool = True, base: dict | None = None) -> nn.Module:
+    """Rebuild the U-Net described by a checkpoint's config, with its branches when it has some;
+    `base`: the weights of the network before its adapters (a fine-tuning's pretrained ones)."""
     net = build_model(config)
+    if base is not None:
+        net.load_state_dict(base)
     if with_branches and config.get("rank_ratio"):
         # A config without branch_scale / branch_layers means the released values.
         add_lowrank_branches(net, config["rank_ratio"], scale=config.get("branch_scale", 1.0),
@@ -109,6 +114,15 @@ def load_latest_training(folder: Path, max_step: int) -> dict | None:
     return None
 
 
+def frozen_names(net: nn.Module) -> set[str]:
+    """The state-dict entries a fine-tuning keeps as pretrained: the parameters that do not train and,
+    when there are any, the buffers (prompt embeddings). Empty for a network that trains whole."""
+    frozen = {name for name, p in net.named_parameters() if not p.requires_grad}
+    if frozen:
+        frozen |= set(net.state_dict()) - {name for name, _ in net.named_parameters()}
+    return frozen
+
+
 def without(state: dict, frozen: set[str]) -> dict:
     """A state dict less the frozen entries (a fine-tuning's pretrained weights are not checkpointed)."""
     return {k: v for k, v in state.items() if k not in frozen}
@@ -127,12 +141,43 @@ def load_weights(module: nn.Module, state: dict, frozen: set[str]) -> None:
 
 
 def save_model(path: Path, *, config: dict, method: str, step: int, fingerprint: str, state_dict: dict,
-               ema: dict, codec: dict | None = None) -> None:
-    """A trained model; `codec`: a latent model's VAE."""
+               ema: dict, codec: dict | None = None, pretrained: Path | None = None) -> None:
+    """A trained model; `codec`: a latent model's VAE. `pretrained`: the starting model whose frozen
+    weights the state dicts leave out (and which holds the codec), referenced by path and sha256."""
+    reference = {"pretrained": {"path": str(pretrained), "sha256": io.file_sha256(pretrained)}} if pretrained else {}
     io.save_torch(path, {"format": MODEL, "config": config, "method": method,
                          "step": step, "fingerprint": fingerprint,
                          "state_dict": state_dict, "ema": ema,
-                         **({"codec": codec} if codec is not None else {})})
+                         **({"codec": codec} if codec is not None else {}), **reference})
+
+
+def load_model(path: str | Path) -> dict:
+    """A MODEL checkpoint with complete weights: a fine-tuning's adapters joined with the frozen
+    weights of the starting model it references, which must be the file it trained from."""
+    state = load(path, MODEL)
+    reference = state.get("pretrained")
+    if reference is None:
+        return state
+    source = Path(reference["path"])
+    if not source.is_file():
+        raise io.CorruptFileError(f"{path}: its pretrained weights {source} are missing; the experiment's pretrain "
+                                  f"stage writes them (a fine-tuning's checkpoint holds its adapters only)")
+    digest = io.file_sha256(source)
+    if digest != reference["sha256"]:
+        raise io.CorruptFileError(f"{path}: its pretrained weights {source} are not the file it was trained from "
+                                  f"(sha256 {digest[:16]}..., trained from {reference['sha256'][:16]}...); "
+                                  f"train it again")
+    start = load_pretrained(source)
+    net = build_network(state["config"], base=start["ema"])
+    full, frozen = net.state_dict(), frozen_names(net)
+    for weights in WEIGHTS:
+        if set(full) - set(state[weights]) != frozen or set(state[weights]) - set(full):
+            raise io.CorruptFileError(f"{path}: its {weights} does not hold exactly the adapters of the network it "
+                                      f"describes")
+        state[weights] = {name: state[weights].get(name, value) for name, value in full.items()}
+    if start.get("codec") is not None:
+        state["codec"] = start["codec"]
+    return state
 
 
 def holds_model(path: Path, fingerprint: str, step: int) -> bool:
@@ -151,7 +196,7 @@ def load_trained(path: str | Path, weights: str = "ema") -> tuple[nn.Module, dic
     EMA weights (what is sampled and evaluated) or the raw optimiser weights (`"state_dict"`)."""
     if weights not in WEIGHTS:
         raise ValueError(f"weights = {weights!r} is not allowed: one of {', '.join(WEIGHTS)}")
-    state = load(path, MODEL)
+    state = load_model(path)
     net = build_network(state["config"])
     net.load_state_dict(state[weights])
     return net.eval(), state

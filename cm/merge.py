@@ -61,7 +61,7 @@ def _as_merged(net: torch.nn.Module, config: dict, drop_branches: bool):
 
 def merge(model_path: str | Path, out: str | Path, *, drop_branches: bool = False) -> dict:
     """Merge the EMA weights of a trained checkpoint into a plain U-Net checkpoint `out`."""
-    state = checkpoint.load(model_path, checkpoint.MODEL)
+    state = checkpoint.load_model(model_path)
     config = state["config"]
     has_branches = bool(config.get("rank_ratio") or config.get("lora"))  # anything to merge
     if drop_branches and not has_reserved_capacity(config):

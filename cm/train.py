@@ -153,9 +153,7 @@ def train(*, manifest: dict, experiment: dict, method_name: str, method_params: 
     trainer = Trainer(net, method, cfg, dev)
     net, ema, optimizer = trainer.net, trainer.ema, trainer.optimizer
     # Weights kept frozen (fine-tuning through adapters) are the pretrained ones: not checkpointed.
-    frozen = {name for name, p in net.named_parameters() if not p.requires_grad}
-    if frozen:  # and then the buffers (prompt embeddings): they never train, they are the pretrained model's
-        frozen |= set(net.state_dict()) - {name for name, _ in net.named_parameters()}
+    frozen = checkpoint.frozen_names(net)
     sampler = EpochSampler(len(y_all), cfg["batch_size"], seed)
     rows = distributed.local_rows(sampler.batch_size)
     start, history, nonfinite = 0, [], 0
@@ -220,7 +218,9 @@ def train(*, manifest: dict, experiment: dict, method_name: str, method_params: 
     # An identical final checkpoint is left as it is (see checkpoint.holds_model).
     if main and not checkpoint.holds_model(out, folder.name, cfg["steps"]):
         checkpoint.save_model(out, config=config, method=method_name, step=cfg["steps"], fingerprint=folder.name,
-                              state_dict=net.state_dict(), ema=ema.state_dict(), codec=codec)
+                              state_dict=checkpoint.without(net.state_dict(), frozen),
+                              ema=checkpoint.without(ema.state_dict(), frozen),
+                              codec=None if frozen else codec, pretrained=pretrained if frozen else None)
     if main:
         write_history(history_out, history)
     steps_run = cfg["steps"] - start

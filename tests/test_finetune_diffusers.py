@@ -15,7 +15,7 @@ import pytest
 import torch
 import yaml
 
-from cm import io
+from cm import checkpoint, io
 from cm.config import ConfigError, check_params
 from tests.conftest import run
 
@@ -85,14 +85,19 @@ def test_the_pretrain_stage_holds_the_folders_unet_prompts_and_vae(finetuned):
     assert all(torch.equal(record["codec"]["state_dict"][k], v) for k, v in vae.items())
 
 
-def test_adapters_train_on_frozen_weights_and_merge_into_the_folders_unet(finetuned):
+def test_adapters_train_on_frozen_weights_and_merge_into_the_folders_unet(finetuned, monkeypatch):
     pretrained = io.load_torch(finetuned / EXP / "pretrain/model.pt")["ema"]
+    monkeypatch.chdir(finetuned)  # the reference to the pretrained weights is relative to the project
     for method in ("lora", "lora+cm"):
-        trained = io.load_torch(finetuned / EXP / f"train/{method}/seed0/model.pt")
+        final = io.load_torch(finetuned / EXP / f"train/{method}/seed0/model.pt")
+        assert all("lora_" in k for k in final["ema"]) and "codec" not in final  # the VAE: in the pretrained file
+        trained = checkpoint.load_model(f"{EXP}/train/{method}/seed0/model.pt")
+        assert all(torch.equal(trained["codec"]["state_dict"][k], v)
+                   for k, v in io.load_torch(finetuned / EXP / "pretrain/model.pt")["codec"]["state_dict"].items())
         base = {k.replace(".base_layer", ""): v for k, v in trained["ema"].items() if "lora_" not in k}
         assert base.keys() == pretrained.keys() and all(torch.equal(base[k], pretrained[k]) for k in base)
-        checkpoint = io.load_torch(sorted((finetuned / EXP / f"train/{method}/seed0/checkpoints").rglob("*.pt"))[-1])
-        assert checkpoint["model"] and all("lora_" in k for k in checkpoint["model"])  # adapters only
+        resumable = io.load_torch(sorted((finetuned / EXP / f"train/{method}/seed0/checkpoints").rglob("*.pt"))[-1])
+        assert resumable["model"] and all("lora_" in k for k in resumable["model"])  # adapters only
         merged = io.load_torch(finetuned / EXP / f"merged/{method}/seed0/model.pt")
         plain = UNet2DConditionModel.from_pretrained(finetuned / FOLDER / "unet")
         missing, unexpected = plain.load_state_dict(
@@ -207,6 +212,9 @@ def test_the_papers_stable_diffusion_entry_runs_on_stand_in_folders(sd_project, 
     exp = params["experiments"]["sd15_artbench_ir100"]
     exp["train"].update(steps=2, batch_size=4, checkpoint_every=2, log_every=1, warmup_steps=1)
     exp["sample"].update(per_class=1, steps=2, batch_size=10)
+    # Inception-v3's weights cannot be had offline (the check refuses the entry without them), and
+    # evaluation is not what this test runs.
+    exp["evaluate"]["feature_extractor"] = "local"
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     out = "results/sd15_artbench_ir100/samples/lora+cm/seed0/samples.npz"
     run(["snakemake", "--cores", "2", out, "--config", "run=[sd15_artbench_ir100]", "methods=[lora+cm]"], root,
@@ -217,4 +225,5 @@ def test_the_papers_stable_diffusion_entry_runs_on_stand_in_folders(sd_project, 
     assert record["config"]["image_size"] == 32 and record["config"]["in_channels"] == 4  # SD's latents
     trained = io.load_torch(root / "results/sd15_artbench_ir100/train/lora+cm/seed0/model.pt")
     adapted = {k.split(".lora_")[0] for k in trained["ema"] if ".lora_" in k}
+    assert len(adapted) * 4 == len(trained["ema"])  # A and B of two adapters each: nothing else
     assert adapted and all(k.endswith(("to_q", "to_k", "to_v", "to_out.0")) for k in adapted)

@@ -6,12 +6,13 @@ merged model has the pretrained layout, and lora+cm's theta_g model drops the ex
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import pytest
 import torch
 import yaml
 
-from cm import io
+from cm import checkpoint, io
 from tests.conftest import run
 
 pytest.importorskip("peft")
@@ -41,17 +42,25 @@ def finetuned(shared_project):
     return shared_project
 
 
-def test_adapters_train_on_the_pretrained_weights_which_stay_as_they_were(finetuned):
+def test_adapters_train_on_the_pretrained_weights_which_stay_as_they_were(finetuned, monkeypatch):
     pretrained = io.load_torch(finetuned / EXP / "pretrain/model.pt")["ema"]
+    monkeypatch.chdir(finetuned)  # the reference to the pretrained weights is relative to the project
     for method in ("lora", "lora+cm"):
-        trained = io.load_torch(finetuned / EXP / f"train/{method}/seed0/model.pt")
+        final = io.load_torch(finetuned / EXP / f"train/{method}/seed0/model.pt")
+        # The final checkpoint holds the adapters and a reference to the frozen weights, not a copy.
+        assert final["ema"] and all("lora_" in k for k in final["ema"])
+        assert set(final["state_dict"]) == set(final["ema"])
+        assert final["pretrained"] == {"path": f"{EXP}/pretrain/model.pt",
+                                       "sha256": io.file_sha256(finetuned / EXP / "pretrain/model.pt")}
+        trained = checkpoint.load_model(f"{EXP}/train/{method}/seed0/model.pt")  # adapters + pretrained weights
+        assert {k: v for k, v in trained["ema"].items() if "lora_" in k}.keys() == final["ema"].keys()
         base = {k.replace(".base_layer", ""): v for k, v in trained["ema"].items() if "lora_" not in k}
         assert base.keys() == pretrained.keys()
         assert all(torch.equal(base[k], pretrained[k]) for k in base), method  # W_f untouched
         adapters = {k for k in trained["ema"] if "lora_" in k}
         assert {k.split(".")[-2] for k in adapters} == ({"general"} if method == "lora" else {"general", "expert"})
-        checkpoint = io.load_torch(sorted((finetuned / EXP / f"train/{method}/seed0/checkpoints").rglob("*.pt"))[-1])
-        assert set(checkpoint["model"]) == adapters  # only what trains is checkpointed
+        resumable = io.load_torch(sorted((finetuned / EXP / f"train/{method}/seed0/checkpoints").rglob("*.pt"))[-1])
+        assert set(resumable["model"]) == adapters  # only what trains is checkpointed
         merged = io.load_torch(finetuned / EXP / f"merged/{method}/seed0/model.pt")["state_dict"]
         assert {k: v.shape for k, v in merged.items()} == {k: v.shape for k, v in pretrained.items()}
         changed = [k for k in merged if not torch.equal(merged[k], pretrained[k])]
@@ -130,3 +139,25 @@ def test_a_pretraining_or_lora_target_that_cannot_fit_is_one_line_when_params_ar
         assert "\n" not in str(caught.value) and all(w in str(caught.value) for w in words), str(caught.value)
         exp.clear()
         exp.update(saved)
+
+
+def test_a_fine_tuning_whose_pretrained_weights_are_gone_or_changed_is_refused_in_one_line(finetuned, tmp_path,
+                                                                                        monkeypatch):
+    import shutil
+
+    monkeypatch.chdir(tmp_path)  # a copy of the two files, at the paths the checkpoint names
+    model = Path(f"{EXP}/train/lora/seed0/model.pt")
+    (tmp_path / model).parent.mkdir(parents=True)
+    shutil.copy(finetuned / model, tmp_path / model)
+    with pytest.raises(io.CorruptFileError, match=rf"^{model}: its pretrained weights {EXP}/pretrain/model.pt "
+                                                   r"are missing; the experiment's pretrain stage writes them"):
+        checkpoint.load_model(model)
+    pretrain = tmp_path / EXP / "pretrain/model.pt"
+    pretrain.parent.mkdir(parents=True)
+    shutil.copy(finetuned / EXP / "pretrain/model.pt", pretrain)
+    assert checkpoint.load_model(model)["ema"]  # the same file: complete
+    state = io.load_torch(pretrain)
+    state["ema"] = {k: v + 1 for k, v in state["ema"].items()}
+    io.save_torch(pretrain, state)
+    with pytest.raises(io.CorruptFileError, match=r"are not the file it was trained from .*; train it again$"):
+        checkpoint.load_model(model)
