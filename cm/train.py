@@ -217,10 +217,13 @@ def train(*, manifest: dict, experiment: dict, method_name: str, method_params: 
 
     # An identical final checkpoint is left as it is (see checkpoint.holds_model).
     if main and not checkpoint.holds_model(out, folder.name, cfg["steps"]):
+        # A fine-tuning's frozen weights stay in the pretrained file; a model trained whole is saved as
+        # its state dicts are (their metadata included, so the bytes stay those of earlier runs).
+        weights = {"state_dict": net.state_dict(), "ema": ema.state_dict()}
+        if frozen:
+            weights = {name: checkpoint.without(state, frozen) for name, state in weights.items()}
         checkpoint.save_model(out, config=config, method=method_name, step=cfg["steps"], fingerprint=folder.name,
-                              state_dict=checkpoint.without(net.state_dict(), frozen),
-                              ema=checkpoint.without(ema.state_dict(), frozen),
-                              codec=None if frozen else codec, pretrained=pretrained if frozen else None)
+                              **weights, codec=None if frozen else codec, pretrained=pretrained if frozen else None)
     if main:
         write_history(history_out, history)
     steps_run = cfg["steps"] - start
