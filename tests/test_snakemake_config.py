@@ -46,18 +46,20 @@ def stops_before_any_job(project, params_text: str, expected: tuple[str, ...]) -
     return output
 
 
-# YAML syntax errors in the seeds line (line 11 of the shipped file): a tab, and a list left open.
-# Each message names the file, the line and column where parsing stopped, and the problem.
-YAML_ERRORS = [("seeds:\n\t- 0\n", r"line 12, column 1: not valid YAML: found character '\\t'"),
+# YAML syntax errors in the seeds entry of the shipped file: a tab, and a list left open. Each
+# message names the file, the line and column where parsing stopped ({line}: the tab's), and the problem.
+YAML_ERRORS = [("seeds:\n\t- 0\n", r"line {line}, column 1: not valid YAML: found character '\\t'"),
                ("seeds: [0\n", r"line \d+, column \d+: not valid YAML: expected ',' or ']'")]
 
 
-@pytest.mark.parametrize("seeds_line, says", YAML_ERRORS)
-def test_a_yaml_syntax_error_names_file_line_and_column_under_snakemake_and_the_cli(shared_project, seeds_line,
+@pytest.mark.parametrize("seeds_entry, says", YAML_ERRORS)
+def test_a_yaml_syntax_error_names_file_line_and_column_under_snakemake_and_the_cli(shared_project, seeds_entry,
                                                                                       says):
     lines = (ROOT / "params.yaml").read_text().splitlines(keepends=True)
-    assert lines[10].startswith("seeds:")
-    text = "".join(lines[:10] + [seeds_line] + lines[11:])
+    at = next(i for i, line in enumerate(lines) if line.startswith("seeds:"))
+    assert lines[at + 1] == "- 0\n"  # the shipped entry: `seeds:` and its one item
+    text = "".join(lines[:at] + [seeds_entry] + lines[at + 2:])
+    says = says.format(line=at + 2)
     output = stops_before_any_job(shared_project, text, ())
     assert re.search("params.yaml, " + says, output), output
     (shared_project / "broken.yaml").write_text(text)
