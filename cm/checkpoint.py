@@ -154,10 +154,16 @@ def save_model(path: Path, *, config: dict, method: str, step: int, fingerprint:
 def load_model(path: str | Path) -> dict:
     """A MODEL checkpoint with complete weights: a fine-tuning's adapters joined with the frozen
     weights of the starting model it references, which must be the file it trained from."""
+    return _load_complete(path)[0]
+
+
+def _load_complete(path: str | Path) -> tuple[dict, nn.Module | None]:
+    """`load_model`'s checkpoint, and for a fine-tuning the network it built to join the weights (its
+    pretrained weights in place, the adapters as initialised), so that a caller need not build it again."""
     state = load(path, MODEL)
     reference = state.get("pretrained")
     if reference is None:
-        return state
+        return state, None
     source = Path(reference["path"])
     if not source.is_file():
         raise io.CorruptFileError(f"{path}: its pretrained weights {source} are missing; the experiment's pretrain "
@@ -177,7 +183,7 @@ def load_model(path: str | Path) -> dict:
         state[weights] = {name: state[weights].get(name, value) for name, value in full.items()}
     if start.get("codec") is not None:
         state["codec"] = start["codec"]
-    return state
+    return state, net
 
 
 def holds_model(path: Path, fingerprint: str, step: int) -> bool:
@@ -196,8 +202,8 @@ def load_trained(path: str | Path, weights: str = "ema") -> tuple[nn.Module, dic
     EMA weights (what is sampled and evaluated) or the raw optimiser weights (`"state_dict"`)."""
     if weights not in WEIGHTS:
         raise ValueError(f"weights = {weights!r} is not allowed: one of {', '.join(WEIGHTS)}")
-    state = load_model(path)
-    net = build_network(state["config"])
+    state, net = _load_complete(path)
+    net = net if net is not None else build_network(state["config"])
     net.load_state_dict(state[weights])
     return net.eval(), state
 
