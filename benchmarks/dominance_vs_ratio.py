@@ -6,7 +6,8 @@ the imbalance ratio?
 For each ratio and seed: the digits set with the exponential profile at that ratio, DDPM trained
 `--steps` steps (the default experiment's settings otherwise, `small` U-Net, one thread), then the
 probe stage's gradient dominance (cm/probe) with the default probe settings. Prints the share
-per block and overall, and the mean over seeds per ratio. A fixed budget for every ratio, so only
+per block and overall and beside it the graded margin cos(G_all, G_many) - cos(G_all, G_few) (with
+its std over the probe batches), and the means over seeds per ratio. A fixed budget for every ratio, so only
 the class balance differs (the set is smaller at higher ratios: the head class keeps its images).
 """
 
@@ -29,6 +30,7 @@ from cm.probe import as_model_inputs, gradient_dominance
 from cm.train import train
 
 ROOT = Path(__file__).resolve().parent.parent
+BLOCKS = ("encoder", "middle", "decoder")
 
 
 def measure(ratio: float, seed: int, steps: int, params: dict, folder: Path) -> dict:
@@ -46,9 +48,11 @@ def measure(ratio: float, seed: int, steps: int, params: dict, folder: Path) -> 
     probe = experiment["probe"]
     result = gradient_dominance(net, images, labels, manifest["splits"], GaussianDiffusion(**experiment["diffusion"]),
                                 batches=probe["dominance_batches"], batch_size=probe["batch_size"], seed=probe["seed"])
-    shares = {block: result["by_block"][block]["fraction"] for block in ("encoder", "middle", "decoder")}
+    shares = {block: result["by_block"][block]["fraction"] for block in BLOCKS}
+    margins = {f"{block}.margin": result["by_block"][block]["margin"] for block in BLOCKS}
     return {"ratio": ratio, "seed": seed, "images": manifest["num_images"], "overall": result["overall"]["fraction"],
-            **shares}
+            **shares, "overall.margin": result["overall"]["margin"],
+            "overall.margin_batch_std": result["overall"]["margin_batch_std"], **margins}
 
 
 def main() -> None:
@@ -65,17 +69,27 @@ def main() -> None:
             for seed in args.seeds:
                 rows.append(measure(ratio, seed, args.steps, params, Path(tmp)))
                 r = rows[-1]
+                batch_std = r["overall.margin_batch_std"]
                 print(f"ratio {ratio:>5g} seed {seed}: {r['images']:4d} images, majority-dominated share "
                       f"{r['overall']:.3f} (encoder {r['encoder']:.3f}, middle {r['middle']:.3f}, "
-                      f"decoder {r['decoder']:.3f})", flush=True)
-    print(f"\nDDPM, digits, {args.steps} steps, seeds {args.seeds}: mean share of majority-dominated matrices")
-    print(f"{'ratio':>6} {'overall':>8} {'encoder':>8} {'middle':>8} {'decoder':>8}")
+                      f"decoder {r['decoder']:.3f}); margin {r['overall.margin']:+.4f}"
+                      + ("" if batch_std is None else f" (batch std {batch_std:.4f})")
+                      + f" (encoder {r['encoder.margin']:+.4f}, middle {r['middle.margin']:+.4f}, "
+                      f"decoder {r['decoder.margin']:+.4f})", flush=True)
+    print(f"\nDDPM, digits, {args.steps} steps, seeds {args.seeds}: mean over seeds of the share of "
+          "majority-dominated matrices and of the margin cos(G_all, G_many) - cos(G_all, G_few)")
+    print(f"{'':>6} {'share':^35} | {'margin':^39}")
+    print(f"{'ratio':>6}" + "".join(f" {k:>8}" for k in ("overall", *BLOCKS)) + " |"
+          + "".join(f" {k:>9}" for k in ("overall", *BLOCKS)))
     for ratio in args.ratios:
         mine = [r for r in rows if r["ratio"] == ratio]
-        means = {k: np.mean([r[k] for r in mine]) for k in ("overall", "encoder", "middle", "decoder")}
+        keys = ("overall", *BLOCKS, "overall.margin", *(f"{b}.margin" for b in BLOCKS))
+        means = {k: np.mean([r[k] for r in mine]) for k in keys}
         spread = np.ptp([r["overall"] for r in mine])
-        print(f"{ratio:>6g} {means['overall']:>8.3f} {means['encoder']:>8.3f} {means['middle']:>8.3f} "
-              f"{means['decoder']:>8.3f}   (overall range over seeds {spread:.3f})")
+        margin_spread = np.ptp([r["overall.margin"] for r in mine])
+        print(f"{ratio:>6g}" + "".join(f" {means[k]:>8.3f}" for k in keys[:4]) + " |"
+              + "".join(f" {means[k]:>+9.4f}" for k in keys[4:])
+              + f"   (overall range over seeds: share {spread:.3f}, margin {margin_spread:.4f})")
     print(f"\n{time.perf_counter() - t0:.0f} s in all")
 
 

@@ -252,7 +252,8 @@ def _report(args, params, experiment, run) -> None:
     out_dir = Path(args.out_dir)
     rows = write_report(experiment=args.experiment, runs=runs, samples=grids,
                         manifest=io.read_json(args.manifest), evaluator=io.read_json(args.evaluator_report),
-                        out_dir=out_dir, probes=probes,
+                        out_dir=out_dir, baseline=args.baseline or params["report"]["baseline"] or methods[0],
+                        resolve=params["report"]["resolve"], probes=probes,
                         probe_fraction=params["experiments"][args.experiment]["probe"]["fraction"],
                         histories=histories)
     print((out_dir / "summary.md").read_text())
@@ -327,7 +328,9 @@ STAGES: dict[str, Stage] = {
                  _opt("--methods", "models to report (default: params.yaml's methods + theta_g_only)", nargs="+",
                       required=False),
                  _opt("--seeds", "seeds to report (default: params.yaml's seeds)", nargs="+", type=int,
-                      required=False))),
+                      required=False),
+                 _opt("--baseline", "the method the others are compared with (default: params.yaml's "
+                      "report.baseline, else the first method)", required=False))),
 }
 
 

@@ -20,9 +20,20 @@ PATH_NEEDED = {
 }
 
 
+def _check_baseline(params: dict) -> None:
+    """report.baseline names a model this run evaluates."""
+    from cm.method_names import evaluated_methods
+
+    baseline, allowed = params["report"]["baseline"], evaluated_methods(params)
+    if baseline is not None and baseline not in allowed:
+        raise ConfigError(f"report.baseline = {baseline!r} is not a method this run reports: must be one of "
+                          f"{', '.join(allowed)} (methods and theta_g_only), or empty for the first of methods")
+
+
 def semantic_checks(params: dict, base_dir: Path) -> None:
     """Checks a schema cannot express: cross references and files that must exist."""
     _check_theta_g_only(params)
+    _check_baseline(params)
     cm_params = params["method_params"]["cm"]
     if cm_params["passes"] == "shared_encoder" and cm_params["branch_layers"] != "decoder":
         raise ConfigError(f"method_params.cm.passes = 'shared_encoder' is not allowed with branch_layers = "

@@ -21,6 +21,7 @@ import torch
 from cm import io
 from cm.data import load_reference
 from cm.metrics import distances
+from cm.metrics.bootstrap import bootstrap_intervals
 from cm.metrics.feature_net import extract, load_feature_net, save_feature_net, train_feature_net
 from cm.metrics.floors import half_sizes, split_halves
 from cm.metrics.frechet import ReferenceStats
@@ -165,6 +166,9 @@ def evaluate(*, samples: str | Path, evaluator: str | Path, reference: str | Pat
 
     measured = distances_between(feats, labels, ref["features"], ref_stats, splits, cfg)
     floor = noise_floor(ref["features"], ref["labels"], labels, num_classes, splits, cfg)
+    # How far another generated set of this size could move them (seeded by floor_seed: reproducible).
+    spread = bootstrap_intervals(gen=feats, labels=labels, ref=ref["features"], ref_stats=ref_stats, splits=splits,
+                                 estimates=measured, replicates=cfg["bootstrap"], seed=cfg["floor_seed"])
     accuracy = distances.per_class_accuracy(pred, labels, num_classes)
     per_class = {"fid": measured.pop("fid_per_class"), "fid_floor": floor.pop("fid_per_class"),
                  "acc": accuracy, "train_count": manifest["class_counts"]}
@@ -175,6 +179,8 @@ def evaluate(*, samples: str | Path, evaluator: str | Path, reference: str | Pat
         "num_reference": int(len(ref["labels"])),
         **measured,
         **{f"{key}_floor": value for key, value in floor.items() if key != "half_size_per_class"},
+        "bootstrap_replicates": cfg["bootstrap"],
+        **{f"{key}_{part}": value for key, parts in spread.items() for part, value in parts.items()},
         "floor_half_size_per_class": floor["half_size_per_class"],
         "acc": float(np.mean(pred == labels)),
         **{f"acc_{name}": float(np.mean([accuracy[c] for c in classes])) for name, classes in splits.items()},

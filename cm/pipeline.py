@@ -64,7 +64,7 @@ PARAMS = {
     "sample": ["experiments.{experiment}.diffusion", "experiments.{experiment}.sample", threads_key("sample")],
     "evaluate": ["experiments.{experiment}.data", "experiments.{experiment}.evaluate", threads_key("evaluate")],
     "probe": ["experiments.{experiment}.diffusion", "experiments.{experiment}.probe", threads_key("probe")],
-    "report": ["methods", "theta_g_only", "seeds"],
+    "report": ["methods", "theta_g_only", "seeds", "report"],
 }
 THREAD_DEPENDENT = tuple(stage for stage, keys in PARAMS.items() if threads_key(stage) in keys)
 

@@ -33,9 +33,11 @@ def write_summary(results, name, rows):
     path.write_text(to_csv(rows))
 
 
-def summary_row(method, base, seeds=3):
-    return {"method": method, "seeds": seeds, **{c: base + k for k, c in enumerate(COLS)},
-            **{f"{c}_std": 0.1 * (k + 1) for k, c in enumerate(COLS)}}
+def summary_row(method, base, seeds=3, seed_list="0 1 2", interval=True):
+    return {"method": method, "seeds": seeds, "seed_list": seed_list, **{c: base + k for k, c in enumerate(COLS)},
+            **{f"{c}_std": 0.1 * (k + 1) for k, c in enumerate(COLS)},
+            **{f"{c}_lo": base + k - 0.5 if interval else None for k, c in enumerate(COLS)},
+            **{f"{c}_hi": base + k + 0.25 if interval else None for k, c in enumerate(COLS)}}
 
 
 def test_rows_follow_the_setting_and_carry_each_reports_numbers(tmp_path):
@@ -47,7 +49,7 @@ def test_rows_follow_the_setting_and_carry_each_reports_numbers(tmp_path):
     assert rows[0]["fid_few"] == 6.0 and rows[0]["fid_many"] == 4.0 and rows[0]["gap_few_many"] == 2.0
     assert rows[3]["fid_few_std"] == pytest.approx(0.4) and rows[3]["seeds"] == 3
     table = (tmp_path / "out/summary.md").read_text()
-    assert "| 8 | ddpm | 3 | 3.00 ± 0.10 | 4.00 ± 0.20 | 6.00 ± 0.40 | +2.00 |" in table
+    assert "| 8 | ddpm | 3 | 3.00 ± 0.10 [2.50, 3.25] | 4.00 ± 0.20 [3.50, 4.25] | 6.00 ± 0.40 [5.50, 6.25] | +2.00 |" in table
     assert matplotlib.image.imread(tmp_path / "out/sweep.png").shape[0] > 100
 
 
@@ -100,3 +102,24 @@ def test_a_failure_while_writing_leaves_the_output_folder_as_it_was(tmp_path, mo
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["summary.md"]
     assert (tmp_path / "out" / "summary.md").read_text() == "an earlier comparison"
     assert not list(tmp_path.glob(".out.*"))
+
+
+def test_a_report_without_an_interval_shows_mean_and_std(tmp_path):
+    params = params_with_widths([8])
+    write_summary(tmp_path, "w8", [summary_row("ddpm", 3.0, interval=False)])
+    compare(params, ["w8"], "model.ch", tmp_path / "out", tmp_path)
+    assert "| 8 | ddpm | 3 | 3.00 ± 0.10 | 4.00 ± 0.20 | 6.00 ± 0.40 | +2.00 |" in (tmp_path / "out/summary.md").read_text()
+
+
+def test_experiments_that_ran_other_seeds_are_refused_in_one_line(tmp_path):
+    params = params_with_widths([8, 16])
+    write_summary(tmp_path, "w8", [summary_row("ddpm", 3.0), summary_row("cm", 2.0)])
+    write_summary(tmp_path, "w16", [summary_row("ddpm", 1.0, seeds=1, seed_list="0"), summary_row("cm", 0.5)])
+    with pytest.raises(ConfigError, match=r"^--experiments: w8 \(ddpm\) ran seeds \[0 1 2\], w16 \(ddpm\) seeds \[0\]; "
+                                          r"a comparison needs the same seeds in every experiment and method"):
+        compare(params, ["w8", "w16"], "model.ch", tmp_path / "out", tmp_path)
+    assert not (tmp_path / "out").exists()  # nothing written
+    old = {k: v for k, v in summary_row("ddpm", 1.0).items() if k != "seed_list"}
+    (tmp_path / "w16/report/summary.csv").write_text(to_csv([old]))
+    with pytest.raises(DataError, match=r"w16/report/summary.csv has no seed_list column .*report stage again"):
+        compare(params, ["w8", "w16"], "model.ch", tmp_path / "out", tmp_path)

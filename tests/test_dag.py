@@ -30,7 +30,7 @@ def snakemake_jobs(project):
         # Snakemake adds its log redirection and the report's selection (which --config may
         # change); DVC runs the bare command, whose report reads params.yaml's. Neither passes a
         # thread count: the stage reads params.yaml's.
-        cmd = " ".join(re.sub(r" > \S+ 2>&1| --methods( [\w+]+)+ --seeds( \d+)+", "",
+        cmd = " ".join(re.sub(r" > \S+ 2>&1| --methods( [\w+]+)+ --seeds( \d+)+ --baseline \S+", "",
                               shell.group(1)).split())
         jobs[cmd] = {"rule": rule, "outputs": set(fields["output"].split(", ")),
                      "inputs": set(fields.get("input", "").split(", ")) - {""}}
@@ -96,7 +96,7 @@ def test_the_report_follows_a_config_selection(project):
     out = run(["snakemake", "--dry-run", "--printshellcmds", "--forceall", "--config", "methods=[cbdm,cm+oc]",
                "seeds=[0,2]", "theta_g_only=[cm+oc]"], project).stdout
     report = next(line for line in out.splitlines() if "python -m cm report" in line)
-    assert "--methods cbdm cm+oc cm+oc_gonly --seeds 0 2" in report
+    assert "--methods cbdm cm+oc cm+oc_gonly --seeds 0 2 --baseline cbdm" in report
     assert "train/cm+oc/seed2/model.pt" in out and "train/cm+oc_gonly" not in out
 
 

@@ -74,15 +74,31 @@ class SharedAndScaled(nn.Module):
         return (self.shared(flat) + self.scales[y, None] * self.scaled(flat)).view_as(x)
 
 
+class ClassEmbedding(nn.Module):
+    """eps = E[y] as an image, E a (classes, pixels) matrix at a large constant `value`. Class c's loss
+    depends on row c alone, so the classes' gradients are orthogonal; row c's gradient over a batch of N is
+    (2 / (N P)) sum over its n_c images of (E[c] - eps_i), of norm (2 / N) n_c value / sqrt(P) up to a
+    relative 1 / (value sqrt(n_c P)) from the noise: proportional to the class's sample count."""
+
+    def __init__(self, num_classes: int, image_shape, value: float = 1e3):
+        super().__init__()
+        self.num_classes = num_classes
+        self.image_shape = tuple(image_shape)
+        self.table = nn.Parameter(torch.full((num_classes, math.prod(image_shape)), value))
+
+    def forward(self, x, t, y):
+        return self.table[y].view(len(y), *self.image_shape)
+
+
 def random_images(counts, size=4, seed=0):
     gen = torch.Generator().manual_seed(seed)
     labels = torch.cat([torch.full((n,), c, dtype=torch.int64) for c, n in enumerate(counts)])
     return torch.rand((len(labels), 1, size, size), generator=gen) * 2 - 1, labels
 
 
-def tiny_unet(num_classes=4, cm=False, random_b=False, seed=0):
+def tiny_unet(num_classes=4, cm=False, random_b=False, seed=0, ch=32):
     torch.manual_seed(seed)
-    net = build_unet("tiny", num_classes=num_classes, in_channels=1, image_size=8)
+    net = build_unet({"preset": "tiny", "ch": ch}, num_classes=num_classes, in_channels=1, image_size=8)
     # Undo the near-identity init (gain 1e-5 on the output conv) so every layer visibly moves the output.
     for m in net.modules():
         if isinstance(m, (nn.Conv2d, nn.Linear)):
@@ -346,7 +362,11 @@ def test_dominance_follows_the_group_with_the_larger_summed_gradient():
     assert rows["shared.weight"]["dominated_by"] == "many"
     assert rows["scaled.weight"]["dominated_by"] == "few"
     assert rows["shared.weight"]["norm_many"] > rows["shared.weight"]["norm_few"]
-    assert result["by_block"] == {"other": {"tensors": 2, "defined": 2, "majority_dominated": 1, "fraction": 0.5}}
+    share = ("tensors", "defined", "majority_dominated", "fraction")
+    assert list(result["by_block"]) == ["other"]
+    assert {k: result["by_block"]["other"][k] for k in share} == {"tensors": 2, "defined": 2,
+                                                                  "majority_dominated": 1, "fraction": 0.5}
+    assert rows["shared.weight"]["margin"] > 0 > rows["scaled.weight"]["margin"]   # the sign is the verdict
     assert result["overall"]["fraction"] == 0.5
     assert result["samples"]["many"] + result["samples"]["few"] == 3 * 44 and result["samples"]["medium"] == 0
     json.dumps(result, allow_nan=False)
@@ -404,6 +424,86 @@ def test_a_branch_without_direction_is_left_out_of_the_fractions():
     a_rows = [row for row in result["tensors"] if row["name"].endswith(".A")]
     assert a_rows and all(row["cos_many"] is None and row["dominated_by"] is None for row in a_rows)
     assert result["by_part"]["BA"]["defined"] == result["by_part"]["BA"]["tensors"] - len(a_rows)
+
+
+def test_margin_has_the_closed_form_of_orthogonal_gradients_proportional_to_the_counts():
+    # G_many, G_few on rows 0 and 1 of E: orthogonal, G_all = G_many + G_few, |G_many| / |G_few| = n_many / n_few
+    # = rho, so margin = (rho - 1) / sqrt(rho^2 + 1) = (n_many - n_few) / sqrt(n_many^2 + n_few^2). The one
+    # error is the noise's in each norm, relative 1 / (value sqrt(n P)) <= 1 / (1e3 * 4) = 2.5e-4 per standard
+    # deviation (P = 16 pixels, n >= 1), and |d margin / d log rho| <= 0.71: abs 2e-3 is over 5 sigma.
+    net = ClassEmbedding(2, (1, 4, 4))
+    images, labels = random_images([30, 6])
+    result = gradient_dominance(net, images, labels, {"many": [0], "few": [1]}, DIFFUSION, batches=4,
+                                batch_size=12, seed=0)
+    n_many, n_few = result["samples"]["many"], result["samples"]["few"]
+    assert n_many + n_few == 4 * 12 and n_few > 0
+    (row,) = result["tensors"]
+    assert row["margin"] == pytest.approx((n_many - n_few) / math.hypot(n_many, n_few), abs=2e-3)
+    assert row["cos_many"] == pytest.approx(n_many / math.hypot(n_many, n_few), abs=2e-3)
+    assert result["overall"]["margin"] == result["by_block"]["other"]["margin"] == row["margin"]
+    assert result["by_part"]["W_g"]["margin"] == row["margin"]
+
+
+def test_margin_grows_with_the_imbalance_ratio_where_the_share_cannot():
+    # batch_size >= the set: every batch is the whole set, so n_many / n_few is the ratio exactly.
+    margins, shares = {}, {}
+    for ratio in (1, 2, 10):
+        images, labels = random_images([5 * ratio, 5])
+        result = gradient_dominance(ClassEmbedding(2, (1, 4, 4)), images, labels, {"many": [0], "few": [1]},
+                                    DIFFUSION, batches=2, batch_size=100, seed=ratio)
+        assert result["samples"] == {"many": 10 * ratio, "few": 10, "medium": 0}
+        margins[ratio], shares[ratio] = result["overall"]["margin"], result["overall"]["fraction"]
+    assert margins[10] > margins[2] > margins[1]
+    assert margins[1] == pytest.approx(0, abs=2e-3)                       # balanced: no lead (see above)
+    assert margins[2] == pytest.approx(1 / math.sqrt(5), abs=2e-3)
+    assert margins[10] == pytest.approx(9 / math.sqrt(101), abs=2e-3)
+    assert shares[2] == shares[10] == 1.0                                 # the share saturates already at 2
+
+
+def batch_margins_by_hand(net, images, labels, splits, drawn, names):
+    """[batch][matrix] cos(G_all_b, G_many_b) - cos(G_all_b, G_few_b) from separate passes per group and batch;
+    None where a group has no image in the batch (zero gradient, no direction)."""
+    def cosine(a, b):
+        norms = a.norm() * b.norm()
+        return None if norms == 0 else (torch.dot(a.flatten(), b.flatten()) / norms).item()
+
+    groups = {"all": list(range(int(labels.max()) + 1)), "many": splits["many"], "few": splits["few"]}
+    margins = []
+    for one in drawn:
+        g = independent_group_gradients(net, images, labels, groups, [one], names)
+        cos = [(cosine(g["all"][n], g["many"][n]), cosine(g["all"][n], g["few"][n])) for n in names]
+        margins.append([None if None in pair else pair[0] - pair[1] for pair in cos])
+    return margins
+
+
+def test_margin_batch_std_is_the_spread_over_batches_of_each_batch_s_own_margin():
+    # Base width 64: at 32 the first level's GroupNorm(32, 32) has one channel per group and cancels the
+    # temb_proj shift exactly, so those gradients are float32 round-off (~1e-7) with irreproducible cosines.
+    net = tiny_unet(num_classes=4, cm=True, random_b=True, ch=64).eval()
+    images, labels = random_images([6, 3, 3, 2], size=8)     # the few class 3 is images 12 and 13
+    splits = {"many": [0], "medium": [1, 2], "few": [3]}
+    result = gradient_dominance(net, images, labels, splits, DIFFUSION, batches=4, batch_size=5, seed=2)
+    drawn = noised_probe_batches(len(images), images.shape[1:], DIFFUSION, batches=4, batch_size=5, seed=2)
+    assert [b for b, (index, _, _) in enumerate(drawn) if not (index >= 12).any()] == [2]   # no few image
+    rows = result["tensors"]
+    per_batch = batch_margins_by_hand(net, images, labels, splits, drawn, [row["name"] for row in rows])
+    assert all(m is None for m in per_batch[2])
+    groups = [(result["overall"], range(len(rows)))] + [
+        (result["by_block"][block], [i for i, row in enumerate(rows) if row["block"] == block])
+        for block in result["by_block"]]
+    for entry, members in groups:
+        means = [np.mean([m[i] for i in members if m[i] is not None]) for m in per_batch
+                 if any(m[i] is not None for i in members)]
+        assert entry["margin_batches"] == len(means) == 3
+        assert entry["margin_batch_std"] == pytest.approx(np.std(means, ddof=1), abs=1e-5)
+        assert entry["margin_batch_std"] > 0
+        assert entry["margin"] == pytest.approx(np.mean([rows[i]["margin"] for i in members
+                                                         if rows[i]["margin"] is not None]), abs=1e-12)
+    images, labels = random_images([8, 4])
+    one = gradient_dominance(ClassEmbedding(2, (1, 4, 4)), images, labels, {"many": [0], "few": [1]}, DIFFUSION,
+                             batches=1, batch_size=12, seed=0)
+    assert one["overall"]["margin_batches"] == 1 and one["overall"]["margin_batch_std"] is None
+    json.dumps(one, allow_nan=False)
 
 
 @pytest.mark.parametrize("splits, message", [

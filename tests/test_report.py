@@ -42,16 +42,21 @@ def test_summary_mean_and_std_over_seeds():
     manifest = {"class_counts": [3, 2, 1], "source": {"name": "digits"}, "profile": "exponential",
                 "imbalance_ratio": 3, "splits": {"many": [0], "medium": [1], "few": [2]}}
     text = to_markdown(rows, experiment="x", manifest=manifest, evaluator={"test_accuracy": 0.9})
-    assert "`local` extractor" in text and "| ddpm | 3 | 2.33 ± 1.53 |" in text
+    # 95% interval of the mean of 3 seeds: t(0.975, 2 df) = 4.303 (published tables) x 1.528 / sqrt(3).
+    half = 4.302653 * statistics.stdev([1.0, 2.0, 4.0]) / 3 ** 0.5
+    assert (rows[0]["fid_lo"], rows[0]["fid_hi"]) == pytest.approx((7 / 3 - half, 7 / 3 + half))
+    assert rows[1]["fid_lo"] is None  # one seed and no bootstrap in its metrics: no interval
+    assert "`local` extractor" in text and f"| ddpm | 3 | 2.33 ± 1.53 [{7 / 3 - half:.2f}, {7 / 3 + half:.2f}] |" in text
+    assert "| cm | 1 | 0.50 | 1.5000 |" in text
     assert "| *real vs real (floor)* | | 0.50 | 0.5000 |" in text
     assert to_csv(rows).splitlines()[0].startswith(
-        "method,seeds,feature_extractor,fid_mode,inception_weights,inception_weights_sha256,generated_dtype,"
-        "fid,fid_std,fid_floor")
+        "method,seeds,seed_list,feature_extractor,fid_mode,inception_weights,inception_weights_sha256,"
+        "generated_dtype,fid,fid_std,fid_lo,fid_hi,fid_floor")
     # DVC's metrics: keyed by method and column, never by seed, so experiments with other seeds line up.
     metrics = experiment_metrics(rows)
     assert list(metrics) == ["ddpm", "cm"] and metrics["cm"]["seeds"] == 1
     assert metrics["ddpm"]["fid"] == statistics.mean([1.0, 2.0, 4.0]) and "fid_floor" not in metrics["ddpm"]
-    assert set(metrics["ddpm"]) == {"seeds", *COLUMNS, *(f"{c}_std" for c in COLUMNS)}
+    assert set(metrics["ddpm"]) == {"seeds", *(f"{c}{part}" for c in COLUMNS for part in ("", "_std", "_lo", "_hi"))}
 
 
 def test_grid_has_a_row_per_class_head_first(tmp_path):
@@ -80,16 +85,23 @@ def test_per_class_table_head_to_tail_with_spread_over_seeds():
     assert b["ddpm.fid"] == 4.0 and b["ddpm.fid_std"] == 0.0 and b["cm.acc"] == 0.25
 
 
-def fake_probe(changes, theta_g=None, shares=(0.5, 1.0, 0.25)):
-    """A probe stage's JSON with the given per-class relative changes and block shares."""
+def fake_probe(changes, theta_g=None, shares=(0.5, 1.0, 0.25), margin=0.1):
+    """A probe stage's JSON with the given per-class relative changes and block shares; margins `margin`
+    overall, twice it in the encoder, thrice in the middle, 4x in the decoder (batch std 0.01, 0.02, ...),
+    0.5 on W_g and None on BA (no defined matrix)."""
     def comparison(values):
         return {"relative_change": list(values), "relative_change_se": [0.01] * len(values)}
 
+    def entry(fraction, k):
+        return {"fraction": fraction, "margin": k * margin, "margin_batch_std": k / 100}
+
     blocks = dict(zip(("encoder", "middle", "decoder"), shares))
     return {"pruning": comparison(changes), "theta_g": None if theta_g is None else comparison(theta_g),
-            "dominance": {"overall": {"fraction": float(np.mean(shares))},
-                          "by_block": {k: {"fraction": v} for k, v in blocks.items()},
-                          "by_part": {"W_g": {"fraction": 0.5}, **({"BA": {"fraction": 1.0}} if theta_g else {})}}}
+            "dominance": {"overall": entry(float(np.mean(shares)), 1),
+                          "by_block": {k: entry(v, i + 2) for i, (k, v) in enumerate(blocks.items())},
+                          "by_part": {"W_g": {"fraction": 0.5, "margin": 0.5, "margin_batch_std": 0.05},
+                                      **({"BA": {"fraction": 1.0, "margin": None, "margin_batch_std": None}}
+                                         if theta_g else {})}}}
 
 
 def test_probe_tables_average_seeds_and_groups_as_stated(tmp_path):
@@ -99,7 +111,7 @@ def test_probe_tables_average_seeds_and_groups_as_stated(tmp_path):
                 "splits": {"many": [1], "medium": [2], "few": [0]}, "source": {"name": "digits"},
                 "profile": "exponential", "imbalance_ratio": 3}
     probes = [{"method": "ddpm", "seed": 0, "result": fake_probe([0.3, 0.1, 0.2])},
-              {"method": "ddpm", "seed": 1, "result": fake_probe([0.5, 0.1, 0.4])},
+              {"method": "ddpm", "seed": 1, "result": fake_probe([0.5, 0.1, 0.4], margin=0.2)},
               {"method": "cm", "seed": 0, "result": fake_probe([0.2, 0.0, 0.1], theta_g=[0.6, 0.0, 0.2])}]
     rows = probe_rows(probes, manifest)
     assert [(r["method"], r["class"]) for r in rows] == [("ddpm", 1), ("ddpm", 2), ("ddpm", 0),
@@ -110,10 +122,21 @@ def test_probe_tables_average_seeds_and_groups_as_stated(tmp_path):
     assert "theta_g_change" not in few and rows[5]["theta_g_change"] == pytest.approx(0.6)
     dominance = dominance_rows(probes)
     assert dominance[0]["decoder"] == 0.25 and dominance[1]["BA"] == 1.0 and "BA" not in dominance[0]
+    # Margins: mean over seeds; spread the std over seeds with two seeds, the batch std with one.
+    ddpm, cm = dominance
+    assert ddpm["seeds"] == 2 and cm["seeds"] == 1
+    assert ddpm["overall.margin"] == pytest.approx(0.15) and ddpm["decoder.margin"] == pytest.approx(0.6)
+    assert ddpm["decoder.margin_spread"] == pytest.approx(statistics.stdev([0.4, 0.8]))
+    assert cm["middle.margin"] == pytest.approx(0.3) and cm["middle.margin_spread"] == 0.03
+    assert cm["BA.margin"] is None and cm["BA.margin_spread"] is None and cm["W_g.margin_spread"] == 0.05
     text = probe_markdown(rows, dominance, manifest, 0.1)
     assert "| cm | theta_g only | +0 | +0.2 | +0.6 |" in text  # many, medium, few
     assert "| ddpm | pruned | +0.1 | +0.3 | +0.4 |" in text
     assert "| ddpm | 0.58 | 0.50 | 1.00 | 0.25 | 0.50 |  |" in text
+    assert "| method | seeds | all | encoder | middle | decoder | W_g | BA |" in text
+    assert (f"| ddpm | 2 | +0.150 ± {statistics.stdev([0.1, 0.2]):.3f} | +0.300 ± {statistics.stdev([0.2, 0.4]):.3f}"
+            in text)
+    assert "| cm | 1 | +0.100 ± 0.010 | +0.200 ± 0.020 | +0.300 ± 0.030 | +0.400 ± 0.040 | +0.500 ± 0.050 |  |" in text
     runs = [{"method": "ddpm", "seed": 0, "metrics": fake_metrics(1.0)}]
     write_report(experiment="x", runs=runs, samples={}, manifest=manifest, evaluator={}, out_dir=tmp_path,
                  probes=probes, probe_fraction=0.1)

@@ -18,11 +18,13 @@ from cm.report.figures import (
     save_figure,
     training_curves_figure,
 )
+from cm.report.stats import paired_rows
 from cm.report.tables import (
     COLUMNS,
     WITH_FLOOR,
     dominance_rows,
     experiment_metrics,
+    paired_markdown,
     per_class_fid_rows,
     per_class_rows,
     probe_markdown,
@@ -35,21 +37,25 @@ from cm.report.tables import (
 )
 
 # What `write_report` writes beside grids/ when it is given probes and histories (the CLI's stage).
-REPORT_FILES = ["summary.csv", "summary.md", "metrics.json", "per_class.csv", "per_class_fid.csv",
+REPORT_FILES = ["summary.csv", "summary.md", "paired.csv", "metrics.json", "per_class.csv", "per_class_fid.csv",
                 "per_class_fid.png", "training_loss.csv", "training_curves.png", "probe.csv", "probe.png"]
 
 
 def write_report(*, experiment: str, runs: list[dict], samples: dict[str, str], manifest: dict,
-                 evaluator: dict, out_dir: str | Path, probes: list[dict] = (),
-                 probe_fraction: float = 0.1, histories: list[dict] = ()) -> list[dict]:
-    """summary.csv, per_class.csv, per_class_fid.png and .csv (long, for DVC's plot), summary.md,
-    metrics.json and grids/<method>.png under `out_dir`; with histories ({"method", "seed", "rows"}
+                 evaluator: dict, out_dir: str | Path, baseline: str | None = None, resolve: float = 0.1,
+                 probes: list[dict] = (), probe_fraction: float = 0.1, histories: list[dict] = ()) -> list[dict]:
+    """summary.csv, paired.csv (every method minus `baseline`, default the first, seed by seed;
+    `resolve`: the difference, as a fraction of the baseline's value, whose seeds needed it states),
+    per_class.csv, per_class_fid.png and .csv (long, for DVC's plot), summary.md, metrics.json and
+    grids/<method>.png under `out_dir`; with histories ({"method", "seed", "rows"}
     per trained model, its history.csv) also training_loss.csv and training_curves.png; with probes
     ({"method", "seed", "result"} per trained model, from the probe stage) also probe.csv, probe.png
     and the probes' section of summary.md."""
     out_dir = Path(out_dir)
     rows = summarise(runs)
     io.write_text(out_dir / "summary.csv", to_csv(rows))
+    paired = paired_rows(runs, baseline or rows[0]["method"], COLUMNS, resolve)
+    io.write_text(out_dir / "paired.csv", to_csv(paired) if paired else "")
     io.write_json(out_dir / "metrics.json", experiment_metrics(rows))
     per_class = per_class_rows(runs, manifest)
     io.write_text(out_dir / "per_class.csv", to_csv(per_class))
@@ -62,7 +68,8 @@ def write_report(*, experiment: str, runs: list[dict], samples: dict[str, str], 
         io.write_text(out_dir / "training_loss.csv", to_csv(curves))
         training_curves_figure(curves, manifest, out_dir / "training_curves.png",
                                title=f"{experiment}: training loss (mean over seeds)")
-    summary = to_markdown(rows, experiment=experiment, manifest=manifest, evaluator=evaluator) + theta_g_markdown(rows)
+    summary = (to_markdown(rows, experiment=experiment, manifest=manifest, evaluator=evaluator)
+               + paired_markdown(paired, resolve) + theta_g_markdown(rows))
     if probes:
         per_class_probes, dominance = probe_rows(probes, manifest), dominance_rows(probes)
         io.write_text(out_dir / "probe.csv", to_csv(per_class_probes))
@@ -82,6 +89,6 @@ def write_report(*, experiment: str, runs: list[dict], samples: dict[str, str], 
 
 
 __all__ = ["COLUMNS", "REPORT_FILES", "WITH_FLOOR", "dominance_rows", "experiment_metrics", "grid_canvas",
-           "per_class_fid_rows", "per_class_rows", "probe_markdown", "probe_rows", "pyplot", "sample_grid",
+           "paired_markdown", "paired_rows", "per_class_fid_rows", "per_class_rows", "probe_markdown", "probe_rows", "pyplot", "sample_grid",
            "save_figure", "summarise", "theta_g_markdown", "to_csv", "to_markdown", "training_loss_rows",
            "write_report"]

@@ -65,8 +65,9 @@ def sample_grid(images: np.ndarray, labels: np.ndarray, manifest: dict, path: Pa
 
 def probe_figure(rows: list[dict], dominance: list[dict], manifest: dict, path: Path, title: str) -> None:
     """Left: the pruning probe's relative loss change per class, head to tail, a line per method
-    (error bars: std over seeds, or the standard error with one seed). Right: the majority-dominated
-    share of matrices per block and method."""
+    (error bars: std over seeds, or the standard error with one seed). Right: the gradient dominance
+    margin per block and method (error bars: `margin_spread`, the std over seeds, or over the probe's
+    batches with one seed; see tables.dominance_rows)."""
     plt = pyplot()
     order = head_to_tail(manifest["class_counts"])
     names = manifest["class_names"]
@@ -83,11 +84,13 @@ def probe_figure(rows: list[dict], dominance: list[dict], manifest: dict, path: 
     left.legend(fontsize=8)
     width = 0.8 / len(dominance)
     for k, row in enumerate(dominance):
-        right.bar([i + k * width for i in range(len(BLOCK_ORDER))], [row.get(b) or 0.0 for b in BLOCK_ORDER],
-                  width=width, label=row["method"])
+        values = [row.get(f"{b}.margin") for b in BLOCK_ORDER]
+        spreads = [row.get(f"{b}.margin_spread") for b in BLOCK_ORDER]
+        right.bar([i + k * width for i in range(len(BLOCK_ORDER))], [v or 0.0 for v in values], width=width,
+                  yerr=[s or 0.0 for s in spreads], capsize=2, label=row["method"])
     right.set_xticks([i + 0.4 - width / 2 for i in range(len(BLOCK_ORDER))], BLOCK_ORDER)
-    right.set_ylim(0, 1)
-    right.set_ylabel("majority-dominated share of matrices")
+    right.axhline(0, color="grey", lw=0.5)
+    right.set_ylabel("dominance margin, cos(G, G_many) - cos(G, G_few)", fontsize=8)
     right.legend(fontsize=8)
     fig.suptitle(title, fontsize=9)
     save_figure(fig, path)

@@ -10,6 +10,7 @@ import numpy as np
 
 from cm.data.profiles import head_to_tail
 from cm.errors import DataError
+from cm.report.stats import quotable, t_interval
 
 COLUMNS = ["fid", "kid", "fid_many", "fid_medium", "fid_few", "precision", "recall",
            "acc", "acc_many", "acc_medium", "acc_few"]
@@ -56,7 +57,11 @@ def mean_std(values) -> tuple[float, float]:
 
 
 def summarise(runs: list[dict]) -> list[dict]:
-    """One row per method: mean and standard deviation (ddof=1; 0 for one seed) of every column.
+    """One row per method: of every column the mean, the standard deviation (ddof=1; 0 for one
+    seed) and a 95% interval `<col>_lo`, `<col>_hi`: of the mean over seeds (Student's t) with two
+    seeds or more; with one, the evaluate stage's bootstrap interval where it made one (FID, KID,
+    group FIDs), else none. `<col>_boot_se` is the bootstrap's standard error, mean over seeds:
+    the part of the seed spread that the finite generated set explains.
 
     `runs` holds dicts with keys method, seed and metrics (an evaluate stage's JSON).
     """
@@ -69,9 +74,19 @@ def summarise(runs: list[dict]) -> list[dict]:
     rows = []
     for method in dict.fromkeys(run["method"] for run in runs):
         mine = [run for run in runs if run["method"] == method]
-        row = {"method": method, "seeds": len(mine), **feature_space(mine[0]["metrics"])}
+        row = {"method": method, "seeds": len(mine), "seed_list": " ".join(str(run["seed"]) for run in mine),
+               **feature_space(mine[0]["metrics"])}
         for col in COLUMNS:
-            row[col], row[f"{col}_std"] = mean_std([run["metrics"][col] for run in mine])
+            values = [run["metrics"][col] for run in mine]
+            row[col], row[f"{col}_std"] = mean_std(values)
+            bootstrapped = f"{col}_lo" in mine[0]["metrics"]
+            if len(mine) > 1:
+                row[f"{col}_lo"], row[f"{col}_hi"] = t_interval(values)
+            else:
+                row[f"{col}_lo"], row[f"{col}_hi"] = ((mine[0]["metrics"][f"{col}_lo"], mine[0]["metrics"][f"{col}_hi"])
+                                                      if bootstrapped else (None, None))
+            if bootstrapped:
+                row[f"{col}_boot_se"] = float(np.mean([run["metrics"][f"{col}_se"] for run in mine]))
             if col in WITH_FLOOR:
                 row[f"{col}_floor"] = float(np.mean([run["metrics"][f"{col}_floor"] for run in mine]))
         rows.append(row)
@@ -131,7 +146,8 @@ def to_csv(rows: list[dict]) -> str:
 def experiment_metrics(rows: list[dict]) -> dict:
     """The experiment's metrics for DVC, keyed by method whatever the seeds: {method: {column: mean
     over seeds, column_std, ..., seeds}}, so `dvc exp show` lines up experiments run with other seeds."""
-    return {row["method"]: {"seeds": row["seeds"], **{key: row[key] for col in COLUMNS for key in (col, f"{col}_std")}}
+    return {row["method"]: {"seeds": row["seeds"], **{key: row[key] for col in COLUMNS
+                                                      for key in (col, f"{col}_std", f"{col}_lo", f"{col}_hi")}}
             for row in rows}
 
 
@@ -140,8 +156,9 @@ def to_markdown(rows: list[dict], *, experiment: str, manifest: dict, evaluator:
     weights), data, class split."""
     def cell(row, col):
         digits = 4 if col.startswith("kid") else (2 if col.startswith("fid") else 3)
-        text = f"{row[col]:.{digits}f}"
-        return text + (f" ± {row[col + '_std']:.{digits}f}" if row["seeds"] > 1 else "")
+        text = f"{row[col]:.{digits}f}" + (f" ± {row[col + '_std']:.{digits}f}" if row["seeds"] > 1 else "")
+        return text + (f" [{row[col + '_lo']:.{digits}f}, {row[col + '_hi']:.{digits}f}]"
+                       if row[col + "_lo"] is not None else "")
 
     counts = manifest["class_counts"]
     lines = [
@@ -150,7 +167,8 @@ def to_markdown(rows: list[dict], *, experiment: str, manifest: dict, evaluator:
         f"Features: {describe_features(rows[0])}. Local classifier's test accuracy on real data "
         f"{evaluator.get('test_accuracy', float('nan')):.3f}. FID/KID: lower is better; precision/recall "
         "(k-NN, Kynkaanniemi et al.) and acc (the local classifier's accuracy on generated samples): "
-        "higher is better. Mean ± std over seeds.",
+        "higher is better. Mean ± std over seeds and, in brackets, the 95% interval of the mean (Student's t "
+        "over seeds; with one seed, the bootstrap interval of the generated set where there is one).",
         f"Training set: {manifest['source']['name']}, {manifest['profile']} profile, imbalance ratio "
         f"{manifest['imbalance_ratio']}, {sum(counts)} images, per-class counts {counts}.",
         "Splits: " + "; ".join(f"{k} = classes {v}" for k, v in manifest["splits"].items()) + ".",
@@ -190,19 +208,57 @@ def probe_rows(probes: list[dict], manifest: dict) -> list[dict]:
     return rows
 
 
+def _margin_and_spread(entries: list[dict]) -> tuple[float | None, float | None]:
+    """Mean over seeds of a group's dominance margin, and its spread: the std over seeds (ddof=1) with
+    more than one seed, else the one seed's std over its probe batches; None where undefined."""
+    margins = [e["margin"] for e in entries if e["margin"] is not None]
+    if not margins:
+        return None, None
+    if len(entries) == 1:
+        return margins[0], entries[0]["margin_batch_std"]
+    return float(np.mean(margins)), float(np.std(margins, ddof=1)) if len(margins) > 1 else None
+
+
 def dominance_rows(probes: list[dict]) -> list[dict]:
-    """Per trained method: the share of parameter matrices the majority dominates, per block and,
-    for CM runs, per part (W_g, BA), mean over seeds."""
+    """Per trained method (`seeds`: its runs): the share of parameter matrices the majority dominates,
+    `overall`, per block and, for CM runs, per part (W_g, BA), mean over seeds; and for each of these
+    groups `<group>.margin`, the graded margin cos(G_all, G_many) - cos(G_all, G_few) of
+    cm/probe/dominance.py (mean over the group's matrices), mean over seeds, with `<group>.margin_spread`:
+    the std over seeds (ddof=1) when the method has more than one seed, else the one seed's
+    margin_batch_std (the std over its probe batches of the per-batch margin)."""
     rows = []
     for method in dict.fromkeys(p["method"] for p in probes):
         runs = [p["result"]["dominance"] for p in probes if p["method"] == method]
-        row = {"method": method, "overall": float(np.mean([r["overall"]["fraction"] for r in runs]))}
+        row = {"method": method, "seeds": len(runs),
+               "overall": float(np.mean([r["overall"]["fraction"] for r in runs]))}
+        row["overall.margin"], row["overall.margin_spread"] = _margin_and_spread([r["overall"] for r in runs])
         for group in ("by_block", "by_part"):
             for key in runs[0][group]:
                 shares = [r[group][key]["fraction"] for r in runs if r[group][key]["fraction"] is not None]
                 row[key] = float(np.mean(shares)) if shares else None
+                row[f"{key}.margin"], row[f"{key}.margin_spread"] = _margin_and_spread([r[group][key] for r in runs])
         rows.append(row)
     return rows
+
+
+def paired_markdown(paired: list[dict], resolve: float) -> str:
+    """The summary's paired comparisons, a line per method and metric in words one can quote."""
+    if not paired:
+        return ""
+    baseline = paired[0]["baseline"]
+    lines = ["", f"## Against {baseline}, seed by seed", "",
+             f"Each method minus {baseline} on the same seeds: the mean difference and its 95% interval (paired "
+             "Student's t over seeds; with one seed, normal from the two bootstrap standard errors). **yes**: the "
+             f"interval excludes zero. Last column: the seeds a paired comparison needs to resolve a difference of "
+             f"{resolve:.0%} of {baseline}'s value (δ; 95% interval, 80% power), from the spread of these differences.",
+             "", "| comparison | excludes 0 | seeds to resolve δ (δ) |", "|---|---|---|"]
+    for row in paired:
+        if row["seeds"] < 2:
+            needed = "needs 2 seeds or more to estimate"
+        else:
+            needed = str(row["seeds_needed"]) if row["seeds_needed"] is not None else "more than 1000"
+        lines.append(f"| {quotable(row)} | {'**yes**' if row['resolved'] else 'no'} | {needed} ({row['resolve']:.3g}) |")
+    return "\n".join(lines) + "\n"
 
 
 def theta_g_markdown(rows: list[dict]) -> str:
@@ -228,7 +284,8 @@ def theta_g_markdown(rows: list[dict]) -> str:
 
 
 def probe_markdown(rows: list[dict], dominance: list[dict], manifest: dict, fraction: float) -> str:
-    """The probes' section of summary.md: relative loss change by many/medium/few, dominance by block."""
+    """The probes' section of summary.md: relative loss change by many/medium/few, dominance by block
+    and part: the majority-dominated share, then the margin ± its spread (see `dominance_rows`)."""
     splits = manifest["splits"]
     lines = ["", "## Capacity probes", "",
              f"Relative change of each class's diffusion loss, (L_modified - L) / L, averaged over the classes "
@@ -243,12 +300,27 @@ def probe_markdown(rows: list[dict], dominance: list[dict], manifest: dict, frac
                 cells = [np.mean([r[f"{probe}_change"] for r in mine if r["class"] in classes])
                          for classes in splits.values()]
                 lines.append(f"| {method} | {label} | " + " | ".join(f"{v:+.3g}" for v in cells) + " |")
-    parts = [key for key in dict.fromkeys(k for row in dominance for k in row) if key not in ("method", "overall")]
+    parts = [key for key in dict.fromkeys(k for row in dominance for k in row)
+             if "." not in key and key not in ("method", "seeds", "overall")]
     lines += ["", "Share of parameter matrices whose full-batch gradient follows the many classes' gradient "
               "more than the few classes' (cosine; Thm. 2.1 measured):", "",
               "| method | all | " + " | ".join(parts) + " |", "|---|---|" + "---|" * len(parts)]
     for row in dominance:
         lines.append(f"| {row['method']} | {row['overall']:.2f} | "
                      + " | ".join("" if row.get(k) is None else f"{row[k]:.2f}" for k in parts) + " |")
+
+    def margin(row, key):
+        value, spread = row.get(f"{key}.margin"), row.get(f"{key}.margin_spread")
+        return "" if value is None else f"{value:+.3f}" + ("" if spread is None else f" ± {spread:.3f}")
+
+    lines += ["", "Margin cos(G_all, G_many) - cos(G_all, G_few), mean over the matrices: 0 when neither group "
+              "leads, positive and growing as the many classes' gradient outweighs the few classes' "
+              "((rho - 1) / sqrt(rho^2 + 1), towards 1, for orthogonal group gradients of norm ratio rho), so it "
+              "still moves where the share has reached 1; ± is the std over seeds, or with one seed the std "
+              "over the probe's batches:",
+              "", "| method | seeds | all | " + " | ".join(parts) + " |", "|---|---|---|" + "---|" * len(parts)]
+    for row in dominance:
+        lines.append(f"| {row['method']} | {row['seeds']} | {margin(row, 'overall')} | "
+                     + " | ".join(margin(row, k) for k in parts) + " |")
     return "\n".join(lines) + "\n"
 

@@ -17,6 +17,12 @@ rule report:
             caption="../report/summary.rst",
         ),
         md="results/{experiment}/report/summary.md",
+        paired=report(
+            "results/{experiment}/report/paired.csv",
+            category="{experiment}",
+            subcategory="Summary",
+            caption="../report/paired.rst",
+        ),
         metrics="results/{experiment}/report/metrics.json",
         per_class=report(
             "results/{experiment}/report/per_class.csv",
@@ -62,6 +68,7 @@ rule report:
         # The selection, which --config may change (the stage would otherwise read params.yaml's).
         methods=evaluated_methods(config),
         seeds=config["seeds"],
+        baseline=config["report"]["baseline"] or evaluated_methods(config)[0],
     log:
         "logs/{experiment}/report.log",
     threads: res("report", "threads")
@@ -77,7 +84,7 @@ rule report:
         " --history-dir results/{wildcards.experiment}/history"
         " --manifest {input.manifest}"
         " --evaluator-report {input.evaluator_report} --out-dir results/{wildcards.experiment}/report"
-        " --methods {params.methods} --seeds {params.seeds} > {log} 2>&1"
+        " --methods {params.methods} --seeds {params.seeds} --baseline {params.baseline} > {log} 2>&1"
 
 
 # Outputs made by Snakemake are recorded in dvc.lock and the DVC cache, so `dvc status` is clean
