@@ -49,7 +49,8 @@ def test_rows_follow_the_setting_and_carry_each_reports_numbers(tmp_path):
     assert rows[0]["fid_few"] == 6.0 and rows[0]["fid_many"] == 4.0 and rows[0]["gap_few_many"] == 2.0
     assert rows[3]["fid_few_std"] == pytest.approx(0.4) and rows[3]["seeds"] == 3
     table = (tmp_path / "out/summary.md").read_text()
-    assert "| 8 | ddpm | 3 | 3.00 ± 0.10 [2.50, 3.25] | 4.00 ± 0.20 [3.50, 4.25] | 6.00 ± 0.40 [5.50, 6.25] | +2.00 |" in table
+    assert ("| 8 | ddpm | 3 | 3.00 ± 0.10 [2.50, 3.25] | 4.00 ± 0.20 [3.50, 4.25] | 6.00 ± 0.40 [5.50, 6.25] | "
+            "+2.00 |") in table
     assert matplotlib.image.imread(tmp_path / "out/sweep.png").shape[0] > 100
 
 
@@ -108,7 +109,8 @@ def test_a_report_without_an_interval_shows_mean_and_std(tmp_path):
     params = params_with_widths([8])
     write_summary(tmp_path, "w8", [summary_row("ddpm", 3.0, interval=False)])
     compare(params, ["w8"], "model.ch", tmp_path / "out", tmp_path)
-    assert "| 8 | ddpm | 3 | 3.00 ± 0.10 | 4.00 ± 0.20 | 6.00 ± 0.40 | +2.00 |" in (tmp_path / "out/summary.md").read_text()
+    table = (tmp_path / "out/summary.md").read_text()
+    assert "| 8 | ddpm | 3 | 3.00 ± 0.10 | 4.00 ± 0.20 | 6.00 ± 0.40 | +2.00 |" in table
 
 
 def test_experiments_that_ran_other_seeds_are_refused_in_one_line(tmp_path):

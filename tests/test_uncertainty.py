@@ -38,7 +38,8 @@ def test_a_replicate_is_the_fid_of_the_set_it_describes():
     stats = GaussianStats.from_rows(ref)
     counts = resample_counts(np.zeros(40, int), 3, seed=1)
     for w in counts:  # the expanded set, duplicates and all, through the plain formula
-        assert fid_replicates(stats, gen, w[None])[0] == pytest.approx(stats.fid_to(np.repeat(gen, w, axis=0)), rel=1e-7)
+        expanded = np.repeat(gen, w, axis=0)
+        assert fid_replicates(stats, gen, w[None])[0] == pytest.approx(stats.fid_to(expanded), rel=1e-7)
     few = GaussianStats.from_rows(ref[:5])  # factor of rank 5 < 40 rows, and 3 rows < rank: both routes
     assert fid_replicates(few, gen[:3], np.ones((1, 3), int))[0] == pytest.approx(few.fid_to(gen[:3]), rel=1e-7)
 

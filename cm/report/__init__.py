@@ -89,6 +89,7 @@ def write_report(*, experiment: str, runs: list[dict], samples: dict[str, str], 
 
 
 __all__ = ["COLUMNS", "REPORT_FILES", "WITH_FLOOR", "dominance_rows", "experiment_metrics", "grid_canvas",
-           "paired_markdown", "paired_rows", "per_class_fid_rows", "per_class_rows", "probe_markdown", "probe_rows", "pyplot", "sample_grid",
+           "paired_markdown", "paired_rows", "per_class_fid_rows", "per_class_rows", "probe_markdown", "probe_rows",
+           "pyplot", "sample_grid",
            "save_figure", "summarise", "theta_g_markdown", "to_csv", "to_markdown", "training_loss_rows",
            "write_report"]

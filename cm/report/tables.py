@@ -257,7 +257,8 @@ def paired_markdown(paired: list[dict], resolve: float) -> str:
             needed = "needs 2 seeds or more to estimate"
         else:
             needed = str(row["seeds_needed"]) if row["seeds_needed"] is not None else "more than 1000"
-        lines.append(f"| {quotable(row)} | {'**yes**' if row['resolved'] else 'no'} | {needed} ({row['resolve']:.3g}) |")
+        resolved = "**yes**" if row["resolved"] else "no"
+        lines.append(f"| {quotable(row)} | {resolved} | {needed} ({row['resolve']:.3g}) |")
     return "\n".join(lines) + "\n"
 
 
