@@ -142,7 +142,8 @@ def test_one_seed_uses_the_bootstraps_and_other_seeds_are_refused():
     row = paired(runs_of("ddpm", [2.0], se=0.3), runs_of("cm", [1.0], se=0.4), "fid", resolve=0.1)
     assert (row["lo"], row["hi"]) == pytest.approx((-1 - 1.96 * 0.5, -1 + 1.96 * 0.5), abs=1e-3)
     assert row["resolved"] is True and row["seeds_needed"] is None and row["interval"] == "bootstrap, one seed"
-    assert paired(runs_of("ddpm", [2.0]), runs_of("cm", [1.0]), "fid", 0.1)["lo"] is None
+    alone = paired(runs_of("ddpm", [2.0]), runs_of("cm", [1.0]), "fid", 0.1)
+    assert alone["lo"] is None and alone["resolved"] is None  # neither seeds nor bootstrap: nothing to say
     moved = [{**run, "seed": 7} for run in runs_of("cm", [1.0])]
     with pytest.raises(ValueError, match=r"seeds \[7\] against \[0\]"):
         paired(runs_of("ddpm", [2.0]), moved, "fid", 0.1)

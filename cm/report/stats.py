@@ -40,8 +40,8 @@ def seeds_needed(sd: float, delta: float) -> int | None:
 
 def paired(baseline: list[dict], other: list[dict], metric: str, resolve: float) -> dict:
     """Difference other - baseline of `metric`, seed by seed (runs: {"seed", "metrics"}, the same
-    seeds on both sides): mean, std, 95% interval, whether it excludes zero, and the seeds needed to
-    resolve a difference of `resolve` times the baseline's mean.
+    seeds on both sides): mean, std, 95% interval, whether it excludes zero (`resolved`; None
+    without an interval), and the seeds needed to resolve `resolve` times the baseline's mean.
 
     With one seed the interval is the normal one from the two bootstrap standard errors
     (`<metric>_se`, independent generated sets), where the evaluate stage made them; else none."""
@@ -63,7 +63,7 @@ def paired(baseline: list[dict], other: list[dict], metric: str, resolve: float)
         half = stats.norm.ppf((1 + LEVEL) / 2) * se
         row["lo"], row["hi"] = row["difference"] - half, row["difference"] + half
         row["interval"] = "bootstrap, one seed"
-    row["resolved"] = bool(row["lo"] is not None and (row["lo"] > 0 or row["hi"] < 0))
+    row["resolved"] = None if row["lo"] is None else bool(row["lo"] > 0 or row["hi"] < 0)
     return row
 
 

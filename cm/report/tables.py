@@ -257,7 +257,7 @@ def paired_markdown(paired: list[dict], resolve: float) -> str:
             needed = "needs 2 seeds or more to estimate"
         else:
             needed = str(row["seeds_needed"]) if row["seeds_needed"] is not None else "more than 1000"
-        resolved = "**yes**" if row["resolved"] else "no"
+        resolved = {True: "**yes**", False: "no", None: "–"}[row["resolved"]]
         lines.append(f"| {quotable(row)} | {resolved} | {needed} ({row['resolve']:.3g}) |")
     return "\n".join(lines) + "\n"
 
