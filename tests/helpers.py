@@ -216,6 +216,11 @@ MISTAKES = [
                                                                inception_weights="params.yaml"),
      "experiments.digits_lt.evaluate.inception_weights", "'params.yaml'",
      "not clean-fid's TorchScript Inception for evaluate.fid_mode clean"),
+    (lambda r: r["report"].update(baseline="cbdm"), "report.baseline", "'cbdm'",
+     "must be one of ddpm, cm (methods and theta_g_only)"),
+    (lambda r: r["experiments"]["digits_lt"]["evaluate"].update(bootstrap=50),
+     "experiments.digits_lt.evaluate.bootstrap", "50", ">= 100"),
+    (lambda r: r["report"].update(resolve=0), "report.resolve", "0", "> 0"),
 ]
 
 

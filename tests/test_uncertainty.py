@@ -165,3 +165,18 @@ def test_seeds_needed_reach_the_stated_power():
 
     assert 0.76 <= power(n) <= 0.9 and power(max(2, n // 2)) < 0.65
     assert seeds_needed(1.0, 1e-3) is None  # beyond 1,000 seeds
+
+
+def test_the_last_fifth_trend_of_a_known_line():
+    from cm.report.stats import last_fifth_trend, trend_rows
+
+    steps = np.arange(50, 2001, 50)  # the last fifth: steps 1610..2000, i.e. 1650..2000
+    change, se = last_fifth_trend(steps, 1.0 - 1e-4 * steps)
+    tail = steps[steps >= 50 + 0.8 * 1950]
+    assert change == pytest.approx(-1e-4 * (tail[-1] - tail[0]) / np.mean(1.0 - 1e-4 * tail)) and se == pytest.approx(0)
+    rng = np.random.default_rng(5)
+    noisy = [{"method": "ddpm", "seed": s, "rows": [{"step": t, "loss": 0.1 + 0.002 * rng.standard_normal()}
+                                                    for t in steps]} for s in range(4)]
+    falling = [{"method": "cm", "seed": 0, "rows": [{"step": t, "loss": 1.0 - 1e-4 * t} for t in steps]}]
+    rows = trend_rows(noisy + falling)
+    assert rows[0]["flat"] is True and rows[0]["seeds"] == 4 and rows[1]["flat"] is False

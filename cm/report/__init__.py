@@ -18,7 +18,7 @@ from cm.report.figures import (
     save_figure,
     training_curves_figure,
 )
-from cm.report.stats import paired_rows
+from cm.report.stats import paired_rows, trend_rows
 from cm.report.tables import (
     COLUMNS,
     WITH_FLOOR,
@@ -34,6 +34,7 @@ from cm.report.tables import (
     to_csv,
     to_markdown,
     training_loss_rows,
+    trend_markdown,
 )
 
 # What `write_report` writes beside grids/ when it is given probes and histories (the CLI's stage).
@@ -70,6 +71,8 @@ def write_report(*, experiment: str, runs: list[dict], samples: dict[str, str], 
                                title=f"{experiment}: training loss (mean over seeds)")
     summary = (to_markdown(rows, experiment=experiment, manifest=manifest, evaluator=evaluator)
                + paired_markdown(paired, resolve) + theta_g_markdown(rows))
+    if histories:
+        summary += trend_markdown(trend_rows(histories))
     if probes:
         per_class_probes, dominance = probe_rows(probes, manifest), dominance_rows(probes)
         io.write_text(out_dir / "probe.csv", to_csv(per_class_probes))

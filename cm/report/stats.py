@@ -86,3 +86,40 @@ def quotable(row: dict) -> str:
     if row["lo"] is not None:
         text += f" [{row['lo']:+.{digits}f}, {row['hi']:+.{digits}f}]"
     return text + f", {row['seeds']} seed{'s' if row['seeds'] > 1 else ''}"
+
+
+def last_fifth_trend(steps, losses) -> tuple[float, float | None]:
+    """How much the training loss still moves at the end: the least-squares line through the logged
+    losses of the last fifth of the steps, its change across that fifth relative to their mean,
+    and the standard error of that change (None with fewer than 3 points)."""
+    steps, losses = np.asarray(steps, dtype=float), np.asarray(losses, dtype=float)
+    last = steps >= steps.min() + 0.8 * (steps.max() - steps.min())
+    x, y = steps[last], losses[last]
+    if len(x) < 2:
+        return 0.0, None
+    fit = stats.linregress(x, y)
+    scale = (x.max() - x.min()) / y.mean()
+    return float(fit.slope * scale), float(fit.stderr * scale) if len(x) > 2 else None
+
+
+def trend_rows(histories: list[dict]) -> list[dict]:
+    """Per method: the training loss's relative change across the last fifth of the steps
+    (`last_fifth_trend`), mean over seeds with its 95% interval (Student's t over seeds; with one
+    seed, the line fit's own), and whether the interval holds zero (flat: converged at this
+    resolution)."""
+    rows = []
+    for method in dict.fromkeys(h["method"] for h in histories):
+        fits = [last_fifth_trend([float(r["step"]) for r in h["rows"]], [float(r["loss"]) for r in h["rows"]])
+                for h in histories if h["method"] == method]
+        changes = [change for change, _ in fits]
+        if len(fits) > 1:
+            interval = t_interval(changes)
+        elif fits[0][1] is not None:
+            half = stats.norm.ppf((1 + LEVEL) / 2) * fits[0][1]
+            interval = (changes[0] - half, changes[0] + half)
+        else:
+            interval = None
+        rows.append({"method": method, "seeds": len(fits), "change": float(np.mean(changes)),
+                     "lo": interval[0] if interval else None, "hi": interval[1] if interval else None,
+                     "flat": None if interval is None else bool(interval[0] <= 0 <= interval[1])})
+    return rows

@@ -241,6 +241,20 @@ def dominance_rows(probes: list[dict]) -> list[dict]:
     return rows
 
 
+def trend_markdown(trends: list[dict]) -> str:
+    """The summary's check that training had converged: the loss's change over the last fifth."""
+    lines = ["", "## Training loss over the last fifth of the steps", "",
+             "Change of a least-squares line through the logged training loss across the last fifth of the steps, "
+             "relative to its mean there, mean over seeds [95% interval]: an interval holding 0 means the loss "
+             "was flat, i.e. training had converged as far as these logs can tell.", "",
+             "| method | seeds | change | flat |", "|---|---|---|---|"]
+    for row in trends:
+        interval = f" [{row['lo']:+.1%}, {row['hi']:+.1%}]" if row["lo"] is not None else ""
+        flat = {True: "yes", False: "no", None: "–"}[row["flat"]]
+        lines.append(f"| {row['method']} | {row['seeds']} | {row['change']:+.1%}{interval} | {flat} |")
+    return "\n".join(lines) + "\n"
+
+
 def paired_markdown(paired: list[dict], resolve: float) -> str:
     """The summary's paired comparisons, a line per method and metric in words one can quote."""
     if not paired:
