@@ -231,7 +231,8 @@ def _probe(args, params, experiment, run) -> None:
     log.info("probed %s seed %d: pruning %.0f%% of weights, majority-dominated matrices %s of %s",
              args.method, args.seed, 100 * experiment["probe"]["fraction"], dominance["majority_dominated"],
              dominance["defined"])
-    run.log(metrics={"majority_dominated_fraction": dominance["fraction"]}, artifacts=[args.out])
+    run.log(metrics={"majority_dominated_fraction": dominance["fraction"], "dominance_margin": dominance["margin"]},
+            artifacts=[args.out])
 
 
 def _report(args, params, experiment, run) -> None:
