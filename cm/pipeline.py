@@ -20,11 +20,12 @@ CODE = {
     "train": ["cm/accel.py", "cm/checkpoint.py", "cm/data", "cm/diffusion.py", "cm/distributed.py", "cm/finetune",
               "cm/lowrank.py", "cm/methods", "cm/models", "cm/train.py", "cm/trainer.py"],
     "merge": ["cm/checkpoint.py", "cm/finetune", "cm/lowrank.py", "cm/merge.py", "cm/models"],
-    "sample": ["cm/accel.py", "cm/checkpoint.py", "cm/diffusion.py", "cm/finetune", "cm/models", "cm/sample.py"],
+    "sample": ["cm/accel.py", "cm/checkpoint.py", "cm/data", "cm/diffusion.py", "cm/finetune", "cm/models",
+               "cm/sample.py"],
     "evaluate": ["cm/evaluate.py", "cm/metrics"],
     "probe": ["cm/checkpoint.py", "cm/data", "cm/diffusion.py", "cm/finetune", "cm/lowrank.py", "cm/models",
               "cm/probe"],
-    "report": ["cm/report"],
+    "report": ["cm/data", "cm/metrics", "cm/report"],
 }
 
 # The params.yaml `resources` entry of each stage. Its `threads` is the count the stage computes

@@ -12,7 +12,8 @@ from scipy import stats as scipy_stats
 
 from cm.metrics.bootstrap import bootstrap_intervals, fid_replicates, kid_influence, resample_counts
 from cm.metrics.frechet import GaussianStats, ReferenceStats
-from cm.report.stats import paired, paired_rows, quotable, seeds_needed, t_interval
+from cm.report.stats import paired, paired_rows, seeds_needed, t_interval
+from cm.report.tables import quotable
 
 D = 6
 

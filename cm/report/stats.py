@@ -13,7 +13,8 @@ import math
 import numpy as np
 from scipy import stats
 
-LEVEL = 0.95
+from cm.metrics.bootstrap import LEVEL
+
 POWER = 0.8
 MAX_SEEDS = 1000
 
@@ -25,6 +26,12 @@ def t_interval(values) -> tuple[float, float] | None:
         return None
     half = stats.t.ppf((1 + LEVEL) / 2, len(values) - 1) * values.std(ddof=1) / math.sqrt(len(values))
     return float(values.mean() - half), float(values.mean() + half)
+
+
+def normal_interval(centre: float, se: float) -> tuple[float, float]:
+    """95% normal interval around `centre` with standard error `se`."""
+    half = stats.norm.ppf((1 + LEVEL) / 2) * se
+    return centre - half, centre + half
 
 
 def seeds_needed(sd: float, delta: float) -> int | None:
@@ -60,8 +67,7 @@ def paired(baseline: list[dict], other: list[dict], metric: str, resolve: float)
         row["seeds_needed"] = seeds_needed(row["difference_std"], delta) if delta > 0 else None
     elif f"{metric}_se" in baseline[0]["metrics"]:
         se = math.hypot(baseline[0]["metrics"][f"{metric}_se"], other[0]["metrics"][f"{metric}_se"])
-        half = stats.norm.ppf((1 + LEVEL) / 2) * se
-        row["lo"], row["hi"] = row["difference"] - half, row["difference"] + half
+        row["lo"], row["hi"] = normal_interval(row["difference"], se)
         row["interval"] = "bootstrap, one seed"
     row["resolved"] = None if row["lo"] is None else bool(row["lo"] > 0 or row["hi"] < 0)
     return row
@@ -77,15 +83,6 @@ def paired_rows(runs: list[dict], baseline: str, columns: list[str], resolve: fl
     return [{"comparison": f"{method} - {baseline}", "method": method, "baseline": baseline,
              **paired(by_method[baseline], mine, col, resolve)}
             for method, mine in by_method.items() if method != baseline for col in columns]
-
-
-def quotable(row: dict) -> str:
-    """'cm - ddpm, fid_few: -1.18 [-2.01, -0.35], 3 seeds', the interval left out where there is none."""
-    digits = 4 if row["metric"].startswith("kid") else (2 if row["metric"].startswith("fid") else 3)
-    text = f"{row['comparison']}, {row['metric']}: {row['difference']:+.{digits}f}"
-    if row["lo"] is not None:
-        text += f" [{row['lo']:+.{digits}f}, {row['hi']:+.{digits}f}]"
-    return text + f", {row['seeds']} seed{'s' if row['seeds'] > 1 else ''}"
 
 
 def last_fifth_trend(steps, losses) -> tuple[float, float | None]:
@@ -115,8 +112,7 @@ def trend_rows(histories: list[dict]) -> list[dict]:
         if len(fits) > 1:
             interval = t_interval(changes)
         elif fits[0][1] is not None:
-            half = stats.norm.ppf((1 + LEVEL) / 2) * fits[0][1]
-            interval = (changes[0] - half, changes[0] + half)
+            interval = normal_interval(changes[0], fits[0][1])
         else:
             interval = None
         rows.append({"method": method, "seeds": len(fits), "change": float(np.mean(changes)),

@@ -10,7 +10,7 @@ import numpy as np
 
 from cm.data.profiles import head_to_tail
 from cm.errors import DataError
-from cm.report.stats import quotable, t_interval
+from cm.report.stats import t_interval
 
 COLUMNS = ["fid", "kid", "fid_many", "fid_medium", "fid_few", "precision", "recall",
            "acc", "acc_many", "acc_medium", "acc_few"]
@@ -24,6 +24,11 @@ FID_MODES = {
 }
 # The metrics that say what made the features; every run of one table must agree on them.
 FEATURE_SPACE = ["feature_extractor", "fid_mode", "inception_weights", "inception_weights_sha256", "generated_dtype"]
+
+
+def decimals(metric: str) -> int:
+    """Decimal places a table prints `metric` with: KID is of order 1e-3, FID of order 1, rates in [0, 1]."""
+    return 4 if metric.startswith("kid") else (2 if metric.startswith("fid") else 3)
 
 
 def feature_space(metrics: dict) -> dict:
@@ -155,7 +160,7 @@ def to_markdown(rows: list[dict], *, experiment: str, manifest: dict, evaluator:
     """The summary table with what produced it: feature extractor (for Inception its fid_mode and
     weights), data, class split."""
     def cell(row, col):
-        digits = 4 if col.startswith("kid") else (2 if col.startswith("fid") else 3)
+        digits = decimals(col)
         text = f"{row[col]:.{digits}f}" + (f" ± {row[col + '_std']:.{digits}f}" if row["seeds"] > 1 else "")
         return text + (f" [{row[col + '_lo']:.{digits}f}, {row[col + '_hi']:.{digits}f}]"
                        if row[col + "_lo"] is not None else "")
@@ -180,7 +185,7 @@ def to_markdown(rows: list[dict], *, experiment: str, manifest: dict, evaluator:
         lines.append(f"| {row['method']} | {row['seeds']} | " + " | ".join(cell(row, c) for c in COLUMNS) + " |")
     floor = rows[0]  # the same real halves for every method: one floor row
     lines.append("| *real vs real (floor)* | | " + " | ".join(
-        f"{floor[c + '_floor']:.{4 if c.startswith('kid') else 2}f}" if c in WITH_FLOOR else "" for c in COLUMNS)
+        f"{floor[c + '_floor']:.{decimals(c)}f}" if c in WITH_FLOOR else "" for c in COLUMNS)
         + " |")
     lines += ["", "The floor row is each distance between two disjoint random halves of the real reference, "
               "each half as large per class as a generated set: values near it cannot be told apart from "
@@ -253,6 +258,15 @@ def trend_markdown(trends: list[dict]) -> str:
         flat = {True: "yes", False: "no", None: "–"}[row["flat"]]
         lines.append(f"| {row['method']} | {row['seeds']} | {row['change']:+.1%}{interval} | {flat} |")
     return "\n".join(lines) + "\n"
+
+
+def quotable(row: dict) -> str:
+    """'cm - ddpm, fid_few: -1.18 [-2.01, -0.35], 3 seeds', the interval left out where there is none."""
+    digits = decimals(row["metric"])
+    text = f"{row['comparison']}, {row['metric']}: {row['difference']:+.{digits}f}"
+    if row["lo"] is not None:
+        text += f" [{row['lo']:+.{digits}f}, {row['hi']:+.{digits}f}]"
+    return text + f", {row['seeds']} seed{'s' if row['seeds'] > 1 else ''}"
 
 
 def paired_markdown(paired: list[dict], resolve: float) -> str:
