@@ -18,6 +18,7 @@ import csv
 import hashlib
 import json
 import logging
+import math
 import sys
 import time
 from pathlib import Path
@@ -63,11 +64,25 @@ class EpochSampler:
         self.perm, self.pos = state["perm"], int(state["pos"])
 
 
+def learning_rate(step: int, cfg: dict) -> float:
+    """The learning rate of optimiser step `step` (0-based): a linear warm-up to lr, then lr
+    (lr_decay none) or a half cosine from lr towards zero at the end of the run (cosine)."""
+    lr = cfg["lr"] * min(1.0, (step + 1) / max(1, cfg["warmup_steps"]))
+    if cfg["lr_decay"] == "cosine" and step >= cfg["warmup_steps"]:
+        progress = (step - cfg["warmup_steps"]) / max(1, cfg["steps"] - cfg["warmup_steps"])
+        lr *= 0.5 * (1 + math.cos(math.pi * progress))
+    return lr
+
+
 def fingerprint(run: dict) -> str:
     """Short hash of everything that determines the training trajectory."""
     run = copy.deepcopy(run)
+    decays = run["train"].get("lr_decay", "none") != "none"
+    if not decays:  # the former implicit value: checkpoints made before the option still resume
+        run["train"].pop("lr_decay", None)
     for key in _NOT_IN_FINGERPRINT:
-        run["train"].pop(key, None)
+        if not (key == "steps" and decays):  # a decaying rate depends on the run's length
+            run["train"].pop(key, None)
     return hashlib.sha256(json.dumps(run, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -199,8 +214,7 @@ def train(*, manifest: dict, experiment: dict, method_name: str, method_params: 
             flip = distributed.draw(lambda n: torch.rand(n, device=dev) < 0.5, len(x0))
             mirrored = x0.flip(3) if latents is None else latents[1][idx]
             x0 = torch.where(flip.view(-1, 1, 1, 1), mirrored, x0)
-        # Linear warm-up, then constant.
-        trainer.step(x0, y, cfg["lr"] * min(1.0, (step + 1) / max(1, cfg["warmup_steps"])))
+        trainer.step(x0, y, learning_rate(step, cfg))
         logs = (step + 1) % cfg["log_every"] == 0 or step + 1 == cfg["steps"]
         checkpoints = (step + 1) % cfg["checkpoint_every"] == 0 or step + 1 == cfg["steps"]
         if logs or checkpoints:  # the only reads from the device

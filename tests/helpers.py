@@ -145,6 +145,8 @@ MISTAKES = [
     (lambda r: r.update(method=["cm"]), "'method'", "did you mean 'methods'", "allowed here"),
     (lambda r: r["experiments"]["digits_lt"]["train"].update(precision="fp16"),
      "experiments.digits_lt.train.precision", "'fp16'", "one of fp32, tf32, bf16"),
+    (lambda r: r["experiments"]["digits_lt"]["train"].update(lr_decay="linear"),
+     "experiments.digits_lt.train.lr_decay", "'linear'", "one of none, cosine"),
     (lambda r: (r["resources"]["train"].update(gpu=2), r["experiments"]["digits_lt"]["train"].update(batch_size=33)),
      "experiments.digits_lt.train.batch_size = 33", "resources.train.gpu = 2", "multiple of it"),
     (lambda r: r["experiments"]["digits_lt"]["train"].update(steps="many"),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -10,7 +11,7 @@ import torch
 from cm import config as cfg
 from cm import io
 from cm.data import build_manifest
-from cm.train import EpochSampler, fingerprint, train
+from cm.train import EpochSampler, fingerprint, learning_rate, train
 from cm.trainer import ema_update, foreach_mismatch
 from tests.conftest import ROOT, tiny_budgets
 
@@ -79,6 +80,29 @@ def test_other_settings_do_not_resume_from_foreign_checkpoints(setup):
     other_lr["train"]["lr"] *= 2
     assert fingerprint(base) == fingerprint(longer) != fingerprint(other_lr)
     assert fingerprint(base) != fingerprint({**base, "seed": 1})
+    # A decaying learning rate depends on the run's length, so there more steps is another trajectory.
+    cosine = copy.deepcopy(base)
+    cosine["train"]["lr_decay"] = "cosine"
+    longer_cosine = copy.deepcopy(cosine)
+    longer_cosine["train"]["steps"] *= 2
+    assert len({fingerprint(base), fingerprint(cosine), fingerprint(longer_cosine)}) == 3
+    # lr_decay none is the former implicit setting: a run without the key has the same fingerprint.
+    without = copy.deepcopy(base)
+    without["train"].pop("lr_decay")
+    assert fingerprint(without) == fingerprint(base)
+
+
+def test_learning_rate_warms_up_then_holds_or_follows_a_half_cosine():
+    cfg = {"lr": 1e-3, "warmup_steps": 10, "steps": 110, "lr_decay": "none"}
+    held = [learning_rate(s, cfg) for s in range(110)]
+    assert held[:10] == pytest.approx([1e-3 * (s + 1) / 10 for s in range(10)])
+    assert held[10:] == [1e-3] * 100
+    cosine = [learning_rate(s, {**cfg, "lr_decay": "cosine"}) for s in range(110)]
+    assert cosine[:11] == held[:11]  # the warm-up, and the first step after it at the full rate
+    assert cosine[60] == pytest.approx(0.5e-3)  # halfway through the decay: cos(pi / 2) = 0
+    assert cosine[35] == pytest.approx(1e-3 * (1 + 2 ** -0.5) / 2)  # a quarter: cos(pi / 4)
+    assert all(a > b for a, b in zip(cosine[10:], cosine[11:]))
+    assert 0 < cosine[-1] < 1e-3 * (math.pi / 100) ** 2  # 1 - cos(x) <= x^2 / 2 at the last step
 
 
 def test_epoch_sampler_covers_each_epoch_and_resumes():
