@@ -42,13 +42,12 @@ def check_seeds(summaries: dict[str, list[dict]]) -> None:
             raise DataError(f"results/{name}/report/summary.csv has no seed_list column (an older report): "
                             f"run the experiment's report stage again")
         seeds.update({(name, row["method"]): row["seed_list"] for row in rows})
-    (first, a), *rest = seeds.items()
-    for other, b in rest:
-        if b == a:
-            continue
-        raise ConfigError(f"--experiments: {first[0]} ({first[1]}) ran seeds [{a}], {other[0]} ({other[1]}) "
-                          f"seeds [{b}]; a comparison needs the same seeds in every experiment and method "
-                          f"(run them with --config 'seeds=[...]' alike)")
+    first, a = next(iter(seeds.items()), (None, None))
+    for other, b in seeds.items():
+        if b != a:
+            raise ConfigError(f"--experiments: {first[0]} ({first[1]}) ran seeds [{a}], {other[0]} ({other[1]}) "
+                              f"seeds [{b}]; a comparison needs the same seeds in every experiment and method "
+                              f"(run them with --config 'seeds=[...]' alike)")
 
 
 def sweep_rows(experiments: dict[str, dict], summaries: dict[str, list[dict]], x: str) -> list[dict]:
